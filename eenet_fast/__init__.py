@@ -1,0 +1,26 @@
+"""eenet_fast: adaptive early-exit inference that really stops.
+
+The calibration side works on cached exit outputs (:class:`ExitOutputs`): policies
+(:func:`make_policy`, EENet and the baselines) are fitted for an average-cost budget on validation
+outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`).
+"""
+
+from eenet_fast.evaluate import Evaluation, compare, evaluate
+from eenet_fast.features import ExitFeatures, agreement, exit_features
+from eenet_fast.outputs import ExitOutputs
+from eenet_fast.policies import POLICIES, Policy, make_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExitOutputs",
+    "ExitFeatures",
+    "exit_features",
+    "agreement",
+    "Policy",
+    "POLICIES",
+    "make_policy",
+    "Evaluation",
+    "evaluate",
+    "compare",
+]

@@ -1,0 +1,107 @@
+"""The ``eenet-fast`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from eenet_fast.evaluate import compare
+from eenet_fast.outputs import ExitOutputs
+from eenet_fast.policies import POLICIES
+
+
+def _parse_costs(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(c) for c in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.25,0.5,1, got {text!r}") from None
+
+
+def _parse_policies(names: tuple[str, ...]) -> list[str]:
+    if not names or "all" in names:
+        return list(POLICIES)
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise click.BadParameter(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)} or all")
+    return list(dict.fromkeys(names))
+
+
+def format_table(records: list[dict]) -> str:
+    """The policy x budget table printed by ``evaluate``."""
+    rows = [
+        [
+            r["policy"],
+            f"{r['budget']:.4g}",
+            f"{100 * r['accuracy']:.2f}",
+            f"{r['avg_cost']:.4g}",
+            f"{r['val_avg_cost']:.4g}",
+            " / ".join(f"{100 * f:.1f}" for f in r["exit_fractions"]),
+        ]
+        for r in records
+    ]
+    headers = ["policy", "budget", "test acc %", "test cost", "val cost", "exit mix % (exit 1 / ... / K)"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="eenet-fast")
+def main() -> None:
+    """Adaptive early-exit inference: calibrate exit policies under a cost budget and run them."""
+
+
+@main.command()
+@click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Test exit outputs, same format.")
+@click.option("--budget", "budgets", required=True, multiple=True,
+              help="Average cost per sample; repeat for several. '0.5x' or '50%' is a fraction of the last exit's cost.")
+@click.option("--policy", "policy_names", multiple=True,
+              help=f"Policy to fit (repeat for several): {', '.join(POLICIES)}, or all (the default).")
+@click.option("--costs", "costs_text", default=None,
+              help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the learned and searched policies.")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON list of records.")
+def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
+             costs_text: str | None, seed: int, as_json: bool) -> None:
+    """Fit policies on validation outputs for each budget and report them on test outputs."""
+    costs = _parse_costs(costs_text)
+    policies = _parse_policies(policy_names)
+    try:
+        val = ExitOutputs.load(val_path).with_costs(costs)
+        test = ExitOutputs.load(test_path).with_costs(costs)
+        if val.costs is None:
+            val.require_costs()
+        if test.costs is not None and not bool((test.costs == val.costs).all()):
+            raise ValueError(
+                f"the validation and test files hold different costs ({val.costs.tolist()} vs "
+                f"{test.costs.tolist()}); pass --costs to set one set for both"
+            )
+        if (val.num_exits, val.num_classes) != (test.num_exits, test.num_classes):
+            raise ValueError(
+                f"validation has {val.num_exits} exits x {val.num_classes} classes but test has "
+                f"{test.num_exits} x {test.num_classes}: they must come from the same model"
+            )
+        test.require_labels()
+        records = compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)
+    except (ValueError, KeyError, TypeError) as err:
+        raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
+    if as_json:
+        keys = ("policy", "budget", "accuracy", "avg_cost", "val_avg_cost", "exit_fractions")
+        click.echo(json.dumps([{k: r[k] for k in keys} for r in records], indent=2))
+        return
+    click.echo(
+        f"{val.num_exits} exits, {val.num_classes} classes; costs {', '.join(f'{c:.4g}' for c in val.costs.tolist())}; "
+        f"{val.num_samples} validation / {test.num_samples} test samples"
+    )
+    click.echo(format_table(records))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

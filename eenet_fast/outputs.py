@@ -1,0 +1,201 @@
+"""Cached outputs of every exit of a multi-exit model: the data every policy is fitted and judged on.
+
+File formats
+------------
+* ``.npz`` with keys ``logits`` *or* ``probs`` (``[K, N, C]``), ``labels`` (``[N]``, optional) and
+  ``costs`` (``[K]``, optional).
+* The authors' cached format: a torch file (``.pt``/``.pth``) holding softmax outputs ``[K, N, C]``,
+  either as a bare tensor or as a dict with the same keys as the ``.npz``. It is read with
+  ``weights_only=True``: no pickle is executed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from eenet_fast.features import ExitFeatures, exit_features
+
+__all__ = ["ExitOutputs", "check_costs"]
+
+_PROB_SUM_TOL = 1e-2
+
+
+def check_costs(costs: Sequence[float] | torch.Tensor | np.ndarray, num_exits: int) -> torch.Tensor:
+    """Validate cumulative exit costs and return them as a float64 tensor ``[K]``.
+
+    ``costs[k]`` is the cumulative cost to reach and evaluate exit ``k`` (stages ``0..k`` plus head
+    ``k``), in any unit. They must be finite, positive and strictly increasing.
+    """
+    c = torch.as_tensor(np.asarray(costs, dtype=np.float64))
+    if c.ndim != 1 or c.numel() != num_exits:
+        raise ValueError(
+            f"costs must be a list of {num_exits} numbers (one cumulative cost per exit), "
+            f"got shape {tuple(c.shape)}"
+        )
+    if not torch.isfinite(c).all() or (c <= 0).any():
+        raise ValueError(f"costs must be finite and positive, got {c.tolist()}")
+    if num_exits > 1 and not (c[1:] > c[:-1]).all():
+        raise ValueError(
+            f"costs must be cumulative, so strictly increasing from exit to exit, got {c.tolist()}: "
+            "give the cost to reach and evaluate each exit (stages 1..k plus head k), not per-stage costs"
+        )
+    return c
+
+
+@dataclass(frozen=True)
+class ExitOutputs:
+    """Outputs of all ``K`` exits on ``N`` samples with ``C`` classes.
+
+    Attributes:
+        scores: ``[K, N, C]`` floating tensor, logits (``is_probs=False``) or softmax probabilities.
+        labels: ``[N]`` int64 class indices in ``[0, C)``, or ``None`` when unknown.
+        costs: ``[K]`` float64 cumulative costs, or ``None`` when not given.
+        is_probs: whether ``scores`` already holds probabilities.
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor | None = None
+    costs: torch.Tensor | None = None
+    is_probs: bool = False
+    _validated: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = self.scores
+        if not isinstance(s, torch.Tensor):
+            s = torch.as_tensor(np.asarray(s))
+        if s.ndim != 3:
+            raise ValueError(
+                f"exit outputs must have shape [K, N, C] (exits, samples, classes), got {tuple(s.shape)}"
+            )
+        if not s.is_floating_point():
+            raise TypeError(f"exit outputs must be floating point (logits or probabilities), got {s.dtype}")
+        k, n, c = s.shape
+        if k < 1 or c < 2:
+            raise ValueError(f"need at least 1 exit and 2 classes, got K={k}, C={c}")
+        bad = ~torch.isfinite(s)
+        if bad.any():
+            exit_idx, sample_idx, _ = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"exit outputs contain {int(bad.sum())} NaN/Inf values (first at exit {exit_idx}, "
+                f"sample {sample_idx}): fix the model or drop those samples before calibrating"
+            )
+        if self.is_probs:
+            if (s < 0).any():
+                raise ValueError("probabilities must be >= 0; pass is_probs=False (key 'logits') for logits")
+            sums = s.double().sum(-1)
+            worst = float((sums - 1).abs().max()) if n else 0.0
+            if worst > _PROB_SUM_TOL:
+                raise ValueError(
+                    f"probabilities must sum to 1 over classes (worst row is off by {worst:.3g}); "
+                    "if these are logits, store them under the key 'logits'"
+                )
+        object.__setattr__(self, "scores", s)
+        if self.labels is not None:
+            y = torch.as_tensor(np.asarray(self.labels))
+            if y.shape != (n,):
+                raise ValueError(f"labels must have shape [N] = [{n}], got {tuple(y.shape)}")
+            if y.is_floating_point() and n and not bool((y == y.round()).all()):
+                raise TypeError("labels must be integer class indices, got non-integer floats")
+            y = y.long()
+            if n and (int(y.min()) < 0 or int(y.max()) >= c):
+                raise ValueError(f"labels must lie in [0, {c - 1}] for C={c} classes, got [{int(y.min())}, {int(y.max())}]")
+            object.__setattr__(self, "labels", y)
+        if self.costs is not None:
+            object.__setattr__(self, "costs", check_costs(self.costs, k))
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_exits(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.scores.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.scores.shape[2]
+
+    # -------------------------------------------------------------- derived
+    @cached_property
+    def features(self) -> list[ExitFeatures]:
+        """Per-exit confidence features (see :func:`eenet_fast.features.exit_features`)."""
+        return [exit_features(self.scores[k], is_probs=self.is_probs) for k in range(self.num_exits)]
+
+    @cached_property
+    def correct(self) -> torch.Tensor:
+        """``[K, N]`` bool: whether exit ``k`` predicts sample ``n`` correctly."""
+        y = self.require_labels()
+        return torch.stack([f.prediction == y for f in self.features])
+
+    def require_labels(self) -> torch.Tensor:
+        if self.labels is None:
+            raise ValueError("these exit outputs have no labels; labels are needed to calibrate and evaluate")
+        return self.labels
+
+    def require_costs(self) -> torch.Tensor:
+        if self.costs is None:
+            raise ValueError(
+                "no exit costs known: store 'costs' in the file or pass them "
+                "(costs=[c1, ..., cK], or --costs c1,...,cK on the command line)"
+            )
+        return self.costs
+
+    def with_costs(self, costs: Sequence[float] | torch.Tensor | None) -> "ExitOutputs":
+        """A copy whose costs are replaced (``None`` keeps the current ones)."""
+        if costs is None:
+            return self
+        return ExitOutputs(self.scores, self.labels, check_costs(costs, self.num_exits), self.is_probs)
+
+    def subset(self, index: torch.Tensor) -> "ExitOutputs":
+        """The outputs of the samples ``index`` (bool mask ``[N]`` or int64 indices)."""
+        labels = None if self.labels is None else self.labels[index]
+        return ExitOutputs(self.scores[:, index], labels, self.costs, self.is_probs)
+
+    # ------------------------------------------------------------------- I/O
+    @classmethod
+    def load(cls, path: str | Path) -> "ExitOutputs":
+        """Read ``.npz`` (keys ``logits``/``probs``, ``labels``, ``costs``) or a torch file of probabilities."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no exit-output file at {path}")
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                data = {key: z[key] for key in z.files}
+        elif path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            data = {"probs": obj} if isinstance(obj, torch.Tensor) else dict(obj)
+        else:
+            raise ValueError(f"unknown exit-output format {path.suffix!r} ({path}): use .npz or .pt")
+        has_logits, has_probs = "logits" in data, "probs" in data
+        if has_logits == has_probs:
+            raise KeyError(
+                f"{path} must hold exactly one of the keys 'logits' or 'probs' ([K, N, C]); "
+                f"found keys {sorted(data)}"
+            )
+        scores = data["logits"] if has_logits else data["probs"]
+        return cls(
+            torch.as_tensor(np.asarray(scores)),
+            labels=data.get("labels"),
+            costs=data.get("costs"),
+            is_probs=has_probs,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write an ``.npz`` readable by :meth:`load`."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"save writes .npz files, got {path}")
+        arrays: dict[str, np.ndarray] = {("probs" if self.is_probs else "logits"): self.scores.numpy()}
+        if self.labels is not None:
+            arrays["labels"] = self.labels.numpy()
+        if self.costs is not None:
+            arrays["costs"] = self.costs.numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)

@@ -1,0 +1,316 @@
+"""The policy interface and the threshold machinery every policy shares.
+
+A policy scores each sample at each exit, ``q_k`` (``[N]`` float32), from that exit's confidence
+features and the sample's history (earlier scores and predictions). A sample leaves at the first
+exit ``k`` with ``q_k >= T_k``; the last exit has ``T_K = -inf`` and takes everything left. Fitting a
+policy for a budget sets its scorer (if it learns one) and its thresholds ``T`` on validation
+outputs so that the validation average cost is at most the budget.
+
+The same :meth:`Policy.score` runs offline over whole data sets and online inside the runtime on
+compacted batches, so the offline simulation and real early exit take the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from eenet_fast.features import ExitFeatures
+from eenet_fast.outputs import ExitOutputs
+
+__all__ = [
+    "ExitHistory",
+    "Policy",
+    "resolve_budget",
+    "assign_exits",
+    "average_cost",
+    "thresholds_for_fractions",
+    "fit_fractions_to_budget",
+    "best_over_bases",
+    "random_bases",
+]
+
+
+@dataclass(frozen=True)
+class ExitHistory:
+    """What a sample carries from exits ``0..k-1`` to exit ``k``.
+
+    Attributes:
+        scores: ``[N, k]`` float32 policy scores at the earlier exits.
+        predictions: ``[N, k]`` int64 predictions of the earlier exits.
+    """
+
+    scores: torch.Tensor
+    predictions: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device | str = "cpu") -> "ExitHistory":
+        return cls(torch.empty(n, 0, device=device), torch.empty(n, 0, dtype=torch.long, device=device))
+
+    def extend(self, score: torch.Tensor, prediction: torch.Tensor) -> "ExitHistory":
+        return ExitHistory(
+            torch.cat([self.scores, score.unsqueeze(1)], 1),
+            torch.cat([self.predictions, prediction.unsqueeze(1)], 1),
+        )
+
+
+def resolve_budget(budget: float | str, costs: torch.Tensor) -> float:
+    """Turn a budget into an absolute average cost per sample and check that it is feasible.
+
+    Args:
+        budget: an average cost in the unit of ``costs``, or a fraction of the last exit's cost
+            written as a string: ``"0.5x"`` or ``"50%"``.
+        costs: ``[K]`` cumulative exit costs.
+
+    Raises:
+        ValueError: when the budget is below the cheapest exit's cost (no policy can meet it).
+    """
+    if isinstance(budget, str):
+        text = budget.strip()
+        try:
+            if text.endswith("%"):
+                value = float(text[:-1]) / 100 * float(costs[-1])
+            elif text.endswith("x"):
+                value = float(text[:-1]) * float(costs[-1])
+            else:
+                value = float(text)
+        except ValueError:
+            raise ValueError(
+                f"cannot read budget {budget!r}: give a number (absolute cost) or a fraction of the full "
+                "cost such as '0.5x' or '50%'"
+            ) from None
+    else:
+        value = float(budget)
+    if not math.isfinite(value):
+        raise ValueError(f"budget must be finite, got {budget!r}")
+    smallest = float(costs[0])
+    if value < smallest:
+        raise ValueError(
+            f"budget {value:.6g} is below the cost of the first exit ({smallest:.6g}); no policy can meet it. "
+            f"The smallest feasible budget is {smallest:.6g} (every sample leaves at exit 1)"
+        )
+    return value
+
+
+def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """First exit whose score reaches its threshold.
+
+    Args:
+        scores: ``[K, N]`` scores ``q_k`` of every sample at every exit.
+        thresholds: ``[K]`` thresholds; the last one is ignored (the last exit takes all).
+
+    Returns:
+        ``[N]`` int64 exit index in ``[0, K)``.
+    """
+    num_exits, n = scores.shape
+    exits = torch.full((n,), num_exits - 1, dtype=torch.long, device=scores.device)
+    for k in reversed(range(num_exits - 1)):
+        exits = torch.where(scores[k].float() >= thresholds[k].float(), k, exits)
+    return exits
+
+
+def average_cost(exits: torch.Tensor, costs: torch.Tensor) -> float:
+    """Mean of ``costs[exits]`` (0 for an empty set)."""
+    return float(costs[exits].mean()) if exits.numel() else 0.0
+
+
+def thresholds_for_fractions(scores: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """The sequential quantile walk: thresholds that send ``floor(fractions[k] * N)`` samples to exit ``k``.
+
+    Walk the exits in order; among the samples still running, the ``n_k`` highest scores leave. The
+    threshold sits halfway between the last score that leaves and the first that stays, so a sample's
+    decision does not hinge on the last bit of its score (ties all leave).
+
+    Args:
+        scores: ``[K, N]`` scores.
+        fractions: ``[K]`` target exit fractions of all ``N`` samples (the last is implied).
+
+    Returns:
+        ``[K]`` float32 thresholds, ``T_K = -inf``.
+    """
+    num_exits, n = scores.shape
+    scores = scores.float()
+    thresholds = torch.full((num_exits,), -math.inf, dtype=torch.float32)
+    running = torch.ones(n, dtype=torch.bool)
+    for k in range(num_exits - 1):
+        remaining = scores[k][running]
+        take = min(int(math.floor(float(fractions[k]) * n + 1e-9)), remaining.numel())
+        if take == 0:
+            thresholds[k] = math.inf
+            continue
+        if take == remaining.numel():
+            thresholds[k] = -math.inf
+        else:
+            top = torch.sort(remaining, descending=True).values
+            thresholds[k] = midpoint(top[take - 1], top[take])
+        running &= ~(scores[k] >= thresholds[k])
+    return thresholds
+
+
+def midpoint(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """A float32 threshold ``t`` with ``low < t <= high`` (``t == high`` when they are equal or adjacent).
+
+    The mean is taken in float64 and rounded up to float32, so ``q >= t`` in float32 means exactly
+    ``q >= (high + low) / 2``.
+    """
+    mid = (high.double() + low.double()) / 2
+    t = mid.float()
+    if t.double() < mid:
+        t = torch.nextafter(t, torch.tensor(math.inf))
+    return t
+
+
+def _tilt(base: torch.Tensor, log_s: float) -> torch.Tensor:
+    """Exponential tilt of exit fractions: ``f_k proportional to base_k * s^k``."""
+    k = torch.arange(base.numel(), dtype=torch.float64)
+    logits = torch.log(base.double().clamp_min(1e-12)) + log_s * k
+    return torch.softmax(logits, 0)
+
+
+def fit_fractions_to_budget(
+    scores: torch.Tensor,
+    base: torch.Tensor,
+    costs: torch.Tensor,
+    budget: float,
+    iterations: int = 40,
+) -> torch.Tensor:
+    """Thresholds from exit fractions ``base`` tilted towards later exits as far as the budget allows.
+
+    The fractions ``f_k proportional to base_k * s^k`` move mass to later (dearer) exits as ``s``
+    grows; a bisection on ``log s`` finds the largest ``s`` whose quantile-walk thresholds keep the
+    average cost over these samples at or below ``budget``. ``base`` uniform gives MSDNet's geometric
+    exit mix.
+
+    Returns:
+        ``[K]`` float32 thresholds whose average cost on ``scores``' samples is ``<= budget``.
+    """
+
+    def walk(log_s: float) -> tuple[torch.Tensor, float]:
+        thresholds = thresholds_for_fractions(scores, _tilt(base, log_s))
+        return thresholds, average_cost(assign_exits(scores, thresholds), costs)
+
+    hi_t, hi_cost = walk(40.0)
+    if hi_cost <= budget:
+        return hi_t
+    lo, hi = -40.0, 40.0
+    lo_t, lo_cost = walk(lo)
+    if lo_cost > budget:  # only ties can do this: every sample scores the same; send all to exit 1
+        return torch.full_like(lo_t, -math.inf)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        t, cost = walk(mid)
+        if cost <= budget:
+            lo, lo_t = mid, t
+        else:
+            hi = mid
+    return lo_t
+
+
+class Policy(ABC):
+    """An exit policy: scores per exit plus thresholds fitted for a budget.
+
+    Subclasses implement :meth:`score` and :meth:`_fit`. After :meth:`fit`, ``thresholds`` is a
+    ``[K]`` float32 tensor (``T_K = -inf``), ``costs`` the ``[K]`` costs and ``budget`` the
+    absolute budget it was fitted for.
+    """
+
+    name: ClassVar[str]
+    deployable: ClassVar[bool] = True  # False for policies that need labels at inference (the oracle)
+
+    def __init__(self) -> None:
+        self.thresholds: torch.Tensor | None = None
+        self.costs: torch.Tensor | None = None
+        self.budget: float | None = None
+        self.num_classes: int | None = None
+
+    # -------------------------------------------------------------- scoring
+    @abstractmethod
+    def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
+        """Score ``q_k`` (``[N]`` float32) of every sample at exit ``k`` (0-based)."""
+
+    def exit_scores(self, outputs: ExitOutputs) -> torch.Tensor:
+        """``[K, N]`` scores of every sample at every exit, computed exit by exit as at inference."""
+        history = ExitHistory.empty(outputs.num_samples)
+        rows = []
+        for k, feats in enumerate(outputs.features):
+            q = self.score(k, feats, history).float()
+            rows.append(q)
+            history = history.extend(q, feats.prediction)
+        return torch.stack(rows)
+
+    # -------------------------------------------------------------- fitting
+    def fit(self, val: ExitOutputs, budget: float | str) -> "Policy":
+        """Fit on validation outputs (with labels and costs) for an average-cost ``budget``."""
+        costs = val.require_costs()
+        val.require_labels()
+        if val.num_samples == 0:
+            raise ValueError("cannot fit a policy on an empty validation set")
+        self.costs, self.num_classes = costs, val.num_classes
+        self.budget = resolve_budget(budget, costs)
+        self.thresholds = self._fit(val, self.budget)
+        exits = self.assign(val)
+        cost = average_cost(exits, costs)
+        if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
+            raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
+        return self
+
+    @abstractmethod
+    def _fit(self, val: ExitOutputs, budget: float) -> torch.Tensor:
+        """Return ``[K]`` thresholds meeting ``budget`` on ``val``."""
+
+    def _check_fitted(self, outputs: ExitOutputs) -> None:
+        if self.thresholds is None:
+            raise RuntimeError(f"policy {self.name!r} is not fitted: call .fit(val, budget) first")
+        if outputs.num_exits != self.thresholds.numel() or outputs.num_classes != self.num_classes:
+            raise ValueError(
+                f"policy {self.name!r} was fitted for {self.thresholds.numel()} exits and {self.num_classes} "
+                f"classes, got outputs with {outputs.num_exits} exits and {outputs.num_classes} classes"
+            )
+
+    def assign(self, outputs: ExitOutputs) -> torch.Tensor:
+        """``[N]`` int64: the exit each sample leaves at."""
+        self._check_fitted(outputs)
+        return assign_exits(self.exit_scores(outputs), self.thresholds)
+
+    def __repr__(self) -> str:
+        budget = "unfitted" if self.budget is None else f"budget={self.budget:.6g}"
+        return f"{type(self).__name__}({budget})"
+
+
+def best_over_bases(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    costs: torch.Tensor,
+    budget: float,
+    bases: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, float]:
+    """Fit each base exit mix to the budget and keep the most accurate on these samples.
+
+    Args:
+        scores: ``[K, N]`` scores; ``correct``: ``[K, N]`` float, exit ``k`` right on sample ``n``.
+        bases: ``[K]`` exit-fraction vectors (see :func:`fit_fractions_to_budget`).
+
+    Returns:
+        The thresholds of the best base (ties: the lower cost) and its accuracy.
+    """
+    best: tuple[float, float, torch.Tensor] | None = None
+    for base in bases:
+        thresholds = fit_fractions_to_budget(scores, base, costs, budget)
+        exits = assign_exits(scores, thresholds)
+        key = (float(correct.gather(0, exits[None]).mean()), -average_cost(exits, costs), thresholds)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2], best[0]
+
+
+def random_bases(around: torch.Tensor, count: int, scale: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """``count`` exit mixes ``softmax(log(around) + scale * noise)``, noise standard normal."""
+    log_base = torch.log(around.double().clamp_min(1e-6))
+    return [
+        torch.softmax(log_base + scale * torch.randn(around.numel(), generator=generator, dtype=torch.float64), 0)
+        for _ in range(count)
+    ]

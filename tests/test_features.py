@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from eenet_fast.features import agreement, exit_features
+
+
+def test_features_match_hand_computed_values():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0, 0.0]])
+    f = exit_features(logits)
+    # row 0 uniform: max 1/4, entropy log 4 -> confidence 0
+    # row 1: p = [1/2, 1/6, 1/6, 1/6]
+    torch.testing.assert_close(f.probs[1], torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6]))
+    h1 = -(0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6))
+    torch.testing.assert_close(f.max_score, torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(f.entropy_conf, torch.tensor([0.0, 1 - h1 / math.log(4)]), atol=1e-6, rtol=0)
+    assert f.prediction.tolist() == [0, 0]
+    assert f.probs.dtype == torch.float32 and f.prediction.dtype == torch.int64
+
+
+def test_one_hot_probabilities_give_full_confidence():
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
+    f = exit_features(probs, is_probs=True)
+    torch.testing.assert_close(f.entropy_conf[0], torch.tensor(1.0))
+    assert f.prediction.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_and_non_contiguous_inputs_match_fp32(dtype):
+    x = torch.randn(37, 2 * 11)[:, ::2].to(dtype)  # non-contiguous rows
+    f = exit_features(x)
+    ref = exit_features(x.float().contiguous())
+    torch.testing.assert_close(f.max_score, ref.max_score)
+    torch.testing.assert_close(f.entropy_conf, ref.entropy_conf)
+
+
+def test_agreement_counts_earlier_exits_that_agree():
+    preds = torch.tensor([[1, 2], [1, 3], [1, 2]])  # K=3, N=2
+    v = agreement(preds)
+    torch.testing.assert_close(v[:, 0], torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(v[:, 1], torch.tensor([1.0, 0.5, 2 / 3]))
+
+
+def test_features_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        exit_features(torch.randn(3))
+    with pytest.raises(ValueError, match="2 classes"):
+        exit_features(torch.randn(3, 1))
