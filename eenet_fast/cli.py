@@ -103,5 +103,74 @@ def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_n
     click.echo(format_table(records))
 
 
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with the four Fashion-MNIST IDX files (default: the Debian package's).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eenet_runs/demo"),
+              show_default=True, help="Where the model, exit outputs, results and plot go (and are cached).")
+@click.option("--epochs", default=3, show_default=True, help="Training epochs of the multi-exit CNN.")
+@click.option("--budget", "budgets", default="0.3,0.4,0.5,0.7", show_default=True,
+              help="Budgets of the table, comma-separated fractions of the full model's FLOPs.")
+@click.option("--speed-budget", default=0.5, show_default=True, help="Budget at which adaptive inference is timed.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--seed", default=0, show_default=True)
+def demo(data: Path | None, out: Path, epochs: int, budgets: str, speed_budget: float, threads: int | None, seed: int) -> None:
+    """Train a multi-exit CNN on Fashion-MNIST, calibrate the policies and time real early exit."""
+    from eenet_fast.demo import DemoConfig, run_demo
+
+    try:
+        cfg = DemoConfig(data=data, out=out, epochs=epochs, budgets=tuple(_parse_costs(budgets)),
+                         speed_budget=speed_budget, threads=threads, seed=seed)
+        summary = run_demo(cfg, log=click.echo)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(summary["records"]))
+    s = summary["speed"]
+    click.echo(
+        f"\nAdaptive inference (eenet, budget {s['budget']} of the full model's measured latency, batch {s['batch_size']}, "
+        f"{s['threads']} threads) over the 10,000 test images:\n"
+        f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s: {s['speedup']:.2f}x faster\n"
+        f"  accuracy {100 * s['accuracy_measured']:.2f}% (offline evaluation predicted "
+        f"{100 * s['accuracy_predicted']:.2f}%; full model {100 * s['full_model_accuracy']:.2f}%), "
+        f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}"
+    )
+    click.echo(f"\nResults in {out}/results.json" + (f", plot in {summary['plot']}" if summary["plot"] else
+               " (pip install 'eenet-fast[report]' for the plot)"))
+
+
+@main.command()
+@click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Test exit outputs, same format.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write index.html, report.json, table.md and the figures into.")
+@click.option("--budgets", "--budget", "budgets", multiple=True,
+              help="Budgets, comma-separated or repeated; '0.5x' or '50%' is a fraction of the last exit's cost "
+                   "(default: 8 budgets between the first and the last exit's cost).")
+@click.option("--policy", "policy_names", multiple=True,
+              help=f"Policy to report on (repeat for several): {', '.join(POLICIES)}, or all (the default).")
+@click.option("--costs", "costs_text", default=None,
+              help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
+def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
+           costs_text: str | None, seed: int) -> None:
+    """Calibrate policies over a grid of budgets and write an HTML report of their decisions."""
+    from eenet_fast.report import write_report
+
+    costs = _parse_costs(costs_text)
+    policies = _parse_policies(policy_names)
+    budget_list = [b.strip() for text in budgets for b in text.split(",") if b.strip()] or None
+    try:
+        val = ExitOutputs.load(val_path).with_costs(costs)
+        test = ExitOutputs.load(test_path).with_costs(costs)
+        index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
+    except ImportError as err:
+        raise click.ClickException(str(err)) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
+    click.echo(f"Report written to {index}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

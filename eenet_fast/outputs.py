@@ -69,6 +69,7 @@ class ExitOutputs:
         s = self.scores
         if not isinstance(s, torch.Tensor):
             s = torch.as_tensor(np.asarray(s))
+        s = s.detach()
         if s.ndim != 3:
             raise ValueError(
                 f"exit outputs must have shape [K, N, C] (exits, samples, classes), got {tuple(s.shape)}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -275,6 +275,18 @@ class Policy(ABC):
         """``[N]`` int64: the exit each sample leaves at."""
         self._check_fitted(outputs)
         return assign_exits(self.exit_scores(outputs), self.thresholds)
+
+    # ---------------------------------------------------- saving and loading
+    def options(self) -> dict[str, Any]:
+        """Constructor options needed to rebuild this policy from a file (JSON-ready)."""
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned tensors beyond thresholds and costs (e.g. scheduler weights)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` gave, after thresholds, costs and classes are set."""
 
     def __repr__(self) -> str:
         budget = "unfitted" if self.budget is None else f"budget={self.budget:.6g}"

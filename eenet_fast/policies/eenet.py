@@ -31,6 +31,8 @@ cannot express budgets near the first or the last exit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -175,6 +177,18 @@ class EENetPolicy(Policy):
         self.restarts, self.seed, self.progress = restarts, seed, progress
         self.scheduler: Scheduler | None = None
         self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------- saving and loading
+    def options(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "seed": self.seed}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"scheduler.{name}": t for name, t in self.scheduler.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.scheduler = Scheduler(self.thresholds.numel(), self.num_classes, self.hidden)
+        prefix = "scheduler."
+        self.scheduler.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     # -------------------------------------------------------------- scoring
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:

@@ -1,0 +1,220 @@
+"""The demo: a multi-exit CNN on Fashion-MNIST, calibrated and run adaptively for real.
+
+Steps (each cached in the output folder, so a second run takes seconds):
+
+1. train :class:`~eenet_fast.zoo.MultiExitCNN` on the first 50,000 training images (``model.safetensors``);
+2. collect the exit outputs of the last 10,000 training images (validation) and of the 10,000 test
+   images (``val.npz``, ``test.npz``), with FLOP costs normalised so that the full model costs 1.0;
+3. calibrate EENet and the baselines at each budget on validation and evaluate them on test;
+4. install EENet at the speed budget, with costs measured as this machine's latency per exit (so
+   the budget is a share of the full model's time), and time adaptive inference against the full
+   model over the test set, checking that it takes the exits the offline evaluation predicts;
+5. write ``results.json``, the policy (``eenet_policy.safetensors``) and, with matplotlib, a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eenet_fast.datasets import load_fashion_mnist
+from eenet_fast.evaluate import compare, evaluate
+from eenet_fast.outputs import ExitOutputs
+from eenet_fast.runtime import EarlyExitModel, wrap
+from eenet_fast.training import fit_exits
+from eenet_fast.zoo import MultiExitCNN
+
+__all__ = ["DemoConfig", "DemoParts", "prepare_demo", "run_demo"]
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo; those marked (model) are part of the cached model's identity."""
+
+    data: Path | None = None
+    out: Path = Path("eenet_runs/demo")
+    widths: tuple[int, ...] = (12, 32, 96)  # (model)
+    epochs: int = 3  # (model)
+    seed: int = 0  # (model)
+    budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.7)
+    speed_budget: float = 0.5
+    batch_size: int = 256
+    policies: tuple[str, ...] = ("eenet", "maxprob", "entropy", "patience", "search", "oracle")
+    repeats: int = 3
+    threads: int | None = None
+    progress: bool = True
+    model_key: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_key = {"widths": list(self.widths), "epochs": self.epochs, "seed": self.seed}
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list:
+    return [(x[i : i + size], y[i : i + size]) if y is not None else x[i : i + size] for i in range(0, len(x), size)]
+
+
+def _trained_model(cfg: DemoConfig, data: dict, log: Callable[[str], None]) -> MultiExitCNN:
+    net = MultiExitCNN(widths=cfg.widths)
+    path = cfg.out / "model.safetensors"
+    key = json.dumps(cfg.model_key, sort_keys=True)
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            cached_key = (f.metadata() or {}).get("config")
+        if cached_key == key:
+            net.load_state_dict(load_file(str(path)))
+            log(f"model: loaded the cached model from {path}")
+            return net.eval()
+    x, y = data["train"]
+    torch.manual_seed(cfg.seed)
+    order = torch.randperm(50_000)
+    loader = [(x[idx], y[idx]) for idx in order.split(128)]
+    log(f"model: training a {len(cfg.widths)}-exit CNN on 50,000 images for {cfg.epochs} epochs ...")
+    start = time.perf_counter()
+    fit_exits(net, loader, cfg.epochs, progress=cfg.progress, seed=cfg.seed)
+    log(f"model: trained in {time.perf_counter() - start:.0f} s; cached in {path}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"config": key})
+    return net.eval()
+
+
+def _outputs(model: EarlyExitModel, name: str, x: torch.Tensor, y: torch.Tensor, costs: list[float], cfg: DemoConfig) -> ExitOutputs:
+    path = cfg.out / f"{name}.npz"
+    if path.exists() and (cfg.out / "model.safetensors").stat().st_mtime <= path.stat().st_mtime:
+        return ExitOutputs.load(path)
+    outputs = model.collect(_batches(x, y, 1000), progress=cfg.progress, costs=costs)
+    outputs.save(path)
+    return outputs
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@dataclass
+class DemoParts:
+    """The trained demo model and its cached exit outputs (FLOP costs, full model = 1.0)."""
+
+    net: MultiExitCNN
+    model: EarlyExitModel
+    val: ExitOutputs
+    test: ExitOutputs
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def prepare_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoParts:
+    """Load the data, train (or load the cached) model and collect (or load) its exit outputs."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_fashion_mnist(cfg.data)
+    net = _trained_model(cfg, data, log)
+    model = wrap(net, backend="torch").eval()
+    x_train, y_train = data["train"]
+    x_test, y_test = data["test"]
+    costs = model.measure_costs("flops", x_test[:8])
+    val = _outputs(model, "val", x_train[50_000:], y_train[50_000:], costs, cfg)
+    test = _outputs(model, "test", x_test, y_test, costs, cfg)
+    return DemoParts(net, model, val, test, x_test, y_test)
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole demo and return what it writes to ``results.json``."""
+    parts = prepare_demo(cfg, log)
+    net, model, val, test, x_test, y_test = parts.net, parts.model, parts.val, parts.test, parts.x_test, parts.y_test
+    costs = test.costs.tolist()
+    exit_acc = test.correct.double().mean(1).tolist()
+    log("exits: " + ", ".join(f"exit {k + 1}: {100 * a:.2f}% at cost {c:.3f}" for k, (a, c) in enumerate(zip(exit_acc, costs))))
+
+    records = compare(val, test, list(cfg.budgets), cfg.policies, seed=cfg.seed, progress=cfg.progress)
+
+    # The speed run budgets time, not FLOPs: costs are this machine's measured latency per exit.
+    latency = model.measure_costs("latency", x_test[: cfg.batch_size])
+    policy = model.calibrate(val.with_costs(latency), cfg.speed_budget, policy="eenet", seed=cfg.seed, progress=False)
+    expected = evaluate(policy, test)
+    batches = _batches(x_test, None, cfg.batch_size)
+    results: list = []
+
+    def adaptive() -> None:
+        results[:] = [model(b) for b in batches]
+
+    def full() -> None:
+        with torch.no_grad():
+            for b in batches:
+                net(b)
+
+    adaptive()  # warm up both, then time the best of a few passes
+    full()
+    t_full = _best_time(full, cfg.repeats)
+    t_adaptive = _best_time(adaptive, cfg.repeats)
+    exits = torch.cat([r.exits for r in results])
+    predictions = torch.cat([r.predictions for r in results])
+    measured_accuracy = float((predictions == y_test).double().mean())
+    if not torch.equal(exits, expected.exits):
+        raise RuntimeError("adaptive inference took other exits than the offline simulation predicted")
+    speed = {
+        "policy": "eenet",
+        "budget": cfg.speed_budget,
+        "costs": "latency",
+        "latency_costs": latency,
+        "batch_size": cfg.batch_size,
+        "threads": torch.get_num_threads(),
+        "full_model_s": t_full,
+        "adaptive_s": t_adaptive,
+        "speedup": t_full / t_adaptive,
+        "accuracy_measured": measured_accuracy,
+        "accuracy_predicted": expected.accuracy,
+        "full_model_accuracy": exit_acc[-1],
+        "exit_fractions": expected.exit_fractions,
+        "avg_cost": expected.avg_cost,
+    }
+    model.save_policy(cfg.out / "eenet_policy.safetensors")
+    summary = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "costs": costs,
+        "exit_accuracy": exit_acc,
+        "records": records,
+        "speed": speed,
+    }
+    (cfg.out / "results.json").write_text(json.dumps(summary, indent=2))
+    summary["plot"] = _plot(summary, cfg.out / "accuracy_vs_cost.png")
+    return summary
+
+
+def _plot(summary: dict[str, Any], path: Path) -> Path | None:
+    """Test accuracy against average cost for each policy, with the single exits marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r["policy"] for r in summary["records"]):
+        rows = sorted((r for r in summary["records"] if r["policy"] == name), key=lambda r: r["avg_cost"])
+        ax.plot([r["avg_cost"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name,
+                linestyle="--" if name == "oracle" else "-")
+    ax.scatter(summary["costs"], [100 * a for a in summary["exit_accuracy"]], color="black", marker="s",
+               zorder=5, label="single exits")
+    ax.set_xlabel("average cost per sample (full model = 1)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, multi-exit CNN: accuracy under a cost budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,396 @@
+"""Adaptive inference that really stops: :func:`wrap` and :class:`EarlyExitModel`.
+
+The data path of :meth:`EarlyExitModel.forward`, for each exit ``k`` in order::
+
+    state  = stages[k](state)                 # only the samples still running
+    logits = heads[k](state)
+    q, leave = backend.decide(policy, k, logits, history)
+    write the leaving rows' logits, prediction and exit index to their input positions
+    state, ids, history = backend.compact(~leave, state, ids, history)
+
+Every per-sample tensor (activations, tuple/dict entries with the batch first, sample ids, earlier
+scores and predictions) is compacted together, so a sample's result never depends on which batch
+it came in, and no sample is dropped, duplicated or reordered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eenet_fast.features import exit_features
+from eenet_fast.outputs import ExitOutputs
+from eenet_fast.persist import exits_fingerprint, load_policy, save_policy
+from eenet_fast.policies import ExitHistory, Policy, make_policy
+from eenet_fast.zoo import count_flops
+
+__all__ = ["ExitResult", "EarlyExitModel", "wrap", "pooled_linear_head", "map_batch"]
+
+Backend = Literal["auto", "torch", "triton"]
+CostSpec = Literal["flops", "latency"] | Sequence[float]
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """Result of adaptive inference on a batch of ``B`` samples, in input order.
+
+    Attributes:
+        logits: ``[B, C]`` logits of the exit each sample left at (the heads' dtype).
+        predictions: ``[B]`` int64 predicted class (``argmax`` of the softmax of ``logits``).
+        exits: ``[B]`` int64 exit index in ``[0, K)``.
+        nonfinite: ``[B]`` bool, the sample met NaN/Inf logits at an exit (it never leaves early then).
+    """
+
+    logits: torch.Tensor
+    predictions: torch.Tensor
+    exits: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def map_batch(fn: Callable[[torch.Tensor], torch.Tensor], state: Any, batch_size: int) -> Any:
+    """Apply ``fn`` to every tensor in ``state`` (a tensor, or tuple/list/dict of them) whose first
+    dimension is the batch (``batch_size``); everything else passes through unchanged."""
+    if isinstance(state, torch.Tensor):
+        return fn(state) if state.ndim and state.shape[0] == batch_size else state
+    if isinstance(state, Mapping):
+        return type(state)({key: map_batch(fn, value, batch_size) for key, value in state.items()})
+    if isinstance(state, (tuple, list)):
+        return type(state)(map_batch(fn, value, batch_size) for value in state)
+    return state
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0]
+    raise TypeError(f"cannot find the batch in the input: expected a tensor or a tuple/dict of tensors, got {type(x).__name__}")
+
+
+class TorchBackend:
+    """The pure-PyTorch path: the CPU path and the reference of the Triton backend."""
+
+    name = "torch"
+
+    @staticmethod
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool):
+        """Exit decision at exit ``k`` for logits ``[B, C]``.
+
+        Returns:
+            ``(q, prediction, leave, nonfinite)``: ``[B]`` float32 scores, int64 predictions, bool
+            exit flags (all true at the last exit) and bool rows with NaN/Inf logits.
+        """
+        feats = exit_features(logits)
+        q = policy.score(k, feats, history).float()
+        nonfinite = ~torch.isfinite(logits).all(1)
+        if last:
+            leave = torch.ones_like(nonfinite)
+        else:
+            leave = (q >= policy.thresholds[k].to(q.device)) & ~nonfinite
+        return q, feats.prediction, leave, nonfinite
+
+    @staticmethod
+    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
+        """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
+        index = keep.nonzero().squeeze(1)
+        batch = keep.shape[0]
+        take = lambda t: t.index_select(0, index)  # noqa: E731
+        return (map_batch(take, state, batch), *(take(t) for t in per_sample))
+
+
+def _backend(name: str, device: torch.device):
+    if name == "auto" or name == "torch":
+        return TorchBackend
+    if name == "triton":
+        raise NotImplementedError("the triton backend is not available yet; use backend='torch' (or 'auto')")
+    raise ValueError(f"unknown backend {name!r}; choose 'auto', 'torch' or 'triton'")
+
+
+class EarlyExitModel(nn.Module):
+    """A multi-exit model whose forward runs adaptive inference.
+
+    Args:
+        stages: ``K`` modules; stage ``k`` reads stage ``k-1``'s output (the input for ``k = 0``).
+            Outputs may be a tensor or a tuple/dict of tensors with the batch first.
+        heads: ``K`` modules; head ``k`` maps stage ``k``'s output to logits ``[B, C]``.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``triton`` on CUDA tensors when available).
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module], backend: Backend = "auto") -> None:
+        super().__init__()
+        if len(stages) != len(heads) or not len(heads):
+            raise ValueError(f"need one head per stage and at least one of each, got {len(stages)} stages and {len(heads)} heads")
+        self.stages = stages if isinstance(stages, nn.ModuleList) else nn.ModuleList(stages)
+        self.heads = heads if isinstance(heads, nn.ModuleList) else nn.ModuleList(heads)
+        self.backend = backend
+        self.policy: Policy | None = None
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    # --------------------------------------------------------- every exit
+    def all_exits(self, x: Any) -> list[torch.Tensor]:
+        """Run every stage once and every head: ``K`` logits ``[B, C]`` (for training and calibration)."""
+        logits = []
+        for stage, head in zip(self.stages, self.heads):
+            x = stage(x)
+            logits.append(head(x))
+        return logits
+
+    @torch.no_grad()
+    def collect(self, loader: Iterable, *, progress: bool = True, costs: Sequence[float] | None = None) -> ExitOutputs:
+        """Exit outputs of a whole loader of ``x`` or ``(x, y)`` batches (eval mode, no grad).
+
+        Returns:
+            :class:`ExitOutputs` with float32 logits ``[K, N, C]``, labels when the loader has them.
+        """
+        self._require_eval("collect")
+        chunks: list[list[torch.Tensor]] = [[] for _ in range(self.num_exits)]
+        labels = []
+        device = self._device()
+        for batch in tqdm(loader, desc="collecting exit outputs", disable=not progress, leave=False):
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+            for k, z in enumerate(self.all_exits(_to(x, device))):
+                chunks[k].append(z.float().cpu())
+            if y is not None:
+                labels.append(torch.as_tensor(y).cpu())
+        if not chunks[0]:
+            raise ValueError("the loader gave no batches; nothing to collect")
+        scores = torch.stack([torch.cat(c) for c in chunks])
+        return ExitOutputs(scores, torch.cat(labels) if labels else None, costs)
+
+    # ---------------------------------------------------------------- costs
+    def measure_costs(self, spec: CostSpec, example: Any) -> list[float]:
+        """Cumulative costs of the exits: ``"flops"`` (counted) or ``"latency"`` (timed on the model's
+        device with ``example``, a batch like those it will serve), normalised so that the full model
+        costs 1.0; explicit numbers are returned as given."""
+        if not isinstance(spec, str):
+            return [float(c) for c in spec]
+        if spec == "flops":
+            costs = count_flops(self, example)
+        elif spec == "latency":
+            costs = self._latency(example)
+        else:
+            raise ValueError(f"costs must be 'flops', 'latency' or a list of {self.num_exits} numbers, got {spec!r}")
+        return [c / costs[-1] for c in costs]
+
+    @torch.no_grad()
+    def _latency(self, example: Any, repeats: int = 7) -> list[float]:
+        """Cumulative median time of stages ``0..k`` plus head ``k`` on ``example``."""
+        self._require_eval("measure latency")
+        sync = torch.cuda.synchronize if self._device().type == "cuda" else (lambda: None)
+
+        def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+            times, out = [], None
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                out = fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            return sorted(times)[len(times) // 2], out
+
+        x, total, costs = _to(example, self._device()), 0.0, []
+        for stage, head in zip(self.stages, self.heads):
+            stage_time, x = timed(lambda: stage(x))
+            head_time, _ = timed(lambda: head(x))
+            total += stage_time
+            costs.append(total + head_time)
+        return costs
+
+    # ---------------------------------------------------------- calibration
+    def calibrate(
+        self,
+        val: Iterable | ExitOutputs,
+        budget: float | str,
+        policy: str | Policy = "eenet",
+        costs: CostSpec = "flops",
+        **policy_options: Any,
+    ) -> Policy:
+        """Fit an exit policy for an average-cost ``budget`` and install it on this model.
+
+        Args:
+            val: a loader of ``(x, y)`` batches, or cached :class:`ExitOutputs` of this model.
+            budget: average cost per sample; with ``costs="flops"`` or ``"latency"`` the full model
+                costs 1.0 (``0.5`` = half of it); with explicit costs, in their unit.
+            policy: a policy name (``eenet``, ``maxprob``, ...) or an unfitted :class:`Policy`.
+            costs: ``"flops"``, ``"latency"`` or ``K`` cumulative costs. Ignored when ``val`` is
+                cached outputs that hold costs already.
+            policy_options: passed to the policy's constructor.
+        """
+        if isinstance(val, ExitOutputs):
+            outputs = val
+            if outputs.costs is None:
+                if isinstance(costs, str):
+                    raise ValueError("cached outputs without costs need explicit costs=[c1, ..., cK]")
+                outputs = outputs.with_costs(costs)
+        else:
+            outputs = self.collect(val)
+            example = next(iter(val))
+            example = example[0] if isinstance(example, (tuple, list)) and len(example) == 2 else example
+            outputs = outputs.with_costs(self.measure_costs(costs, _to(example, self._device())))
+        if outputs.num_exits != self.num_exits:
+            raise ValueError(f"the outputs have {outputs.num_exits} exits but this model has {self.num_exits}")
+        fitted = (make_policy(policy, **policy_options) if isinstance(policy, str) else policy).fit(outputs, budget)
+        if not fitted.deployable:
+            raise ValueError(f"policy {fitted.name!r} needs labels at inference and cannot run in a model")
+        self.policy = fitted
+        return fitted
+
+    # ------------------------------------------------------------ inference
+    @torch.no_grad()
+    def forward(self, x: Any) -> ExitResult:
+        """Adaptive inference on a batch (tensor or tuple/dict of tensors with the batch first).
+
+        Returns:
+            :class:`ExitResult` for the ``B`` samples, in input order.
+        """
+        self._require_eval("run adaptive inference")
+        if self.policy is None:
+            raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
+        backend = _backend(self.backend, self._device())
+        batch = _batch_size(x)
+        device = self._device()
+        ids = torch.arange(batch, device=device)
+        history = ExitHistory.empty(batch, device)
+        out_logits: torch.Tensor | None = None
+        out_exits = torch.full((batch,), -1, dtype=torch.long, device=device)
+        out_predictions = torch.full((batch,), -1, dtype=torch.long, device=device)
+        out_nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
+        state = x
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+            if ids.numel() == 0:
+                break
+            state = stage(state)
+            logits = head(state)
+            if out_logits is None:
+                out_logits = logits.new_empty(batch, logits.shape[1])
+            q, prediction, leave, nonfinite = backend.decide(self.policy, k, logits, history, k == self.num_exits - 1)
+            out_nonfinite.index_fill_(0, ids[nonfinite], True)
+            leaving = ids[leave]
+            out_logits.index_copy_(0, leaving, logits[leave])
+            out_exits.index_fill_(0, leaving, k)
+            out_predictions.index_copy_(0, leaving, prediction[leave])
+            history = history.extend(q, prediction)
+            keep = ~leave
+            state, ids, scores, predictions = backend.compact(keep, state, ids, history.scores, history.predictions)
+            history = ExitHistory(scores, predictions)
+        if out_logits is None:  # empty batch: no head ran
+            out_logits = torch.empty(0, self.policy.num_classes, device=device)
+        return ExitResult(out_logits, out_predictions, out_exits, out_nonfinite)
+
+    # ------------------------------------------------------- saving the policy
+    def save_policy(self, path: str | Path) -> None:
+        """Write the calibrated policy (safetensors + JSON metadata, with this model's exit fingerprint)."""
+        if self.policy is None:
+            raise RuntimeError("no policy to save: call calibrate(val, budget) first")
+        save_policy(self.policy, path, exits_fingerprint(self.heads))
+
+    def load_policy(self, path: str | Path) -> Policy:
+        """Install a policy saved by :meth:`save_policy`; fails if it was calibrated for other exits."""
+        policy = load_policy(path, exits_fingerprint(self.heads))
+        if policy.thresholds.numel() != self.num_exits:
+            raise ValueError(f"{path} holds a policy for {policy.thresholds.numel()} exits, this model has {self.num_exits}")
+        self.policy = policy
+        return policy
+
+    # ---------------------------------------------------------------- utils
+    def _device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _require_eval(self, what: str) -> None:
+        if self.training:
+            raise RuntimeError(
+                f"cannot {what} in training mode: BatchNorm and dropout would make a sample's result depend "
+                "on its batch. Call model.eval() first (use all_exits(x) to train)"
+            )
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return type(x)({k: _to(v, device) for k, v in x.items()})
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def pooled_linear_head(num_classes: int) -> Callable[[torch.Tensor], nn.Module]:
+    """A head factory: from a stage's example output ``[B, D, ...]`` build global average pooling
+    over the trailing dims and ``Linear(D, num_classes)``."""
+
+    def factory(output: torch.Tensor) -> nn.Module:
+        if not isinstance(output, torch.Tensor) or output.ndim < 2:
+            raise TypeError("pooled_linear_head needs stage outputs that are tensors [B, D, ...]; give heads explicitly")
+        pool = nn.Flatten(2) if output.ndim > 2 else nn.Identity()
+        return nn.Sequential(pool, _MeanTrailing(), nn.Linear(output.shape[1], num_classes)).to(output.device)
+
+    return factory
+
+
+class _MeanTrailing(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(2) if x.ndim == 3 else x
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    exits_after: Sequence[int] | None = None,
+    heads: Sequence[nn.Module] | Callable[[torch.Tensor], nn.Module] | None = None,
+    example_input: Any = None,
+    backend: Backend = "auto",
+) -> EarlyExitModel:
+    """Turn a multi-exit model into an :class:`EarlyExitModel`.
+
+    Two forms:
+
+    * a module with ``stages`` and ``heads`` (``nn.ModuleList`` of equal length): used as is;
+    * an ``nn.Sequential`` split after the module indices ``exits_after`` (the last index must be the
+      last module), with ``heads`` one module per exit or a factory called on each stage's output for
+      ``example_input`` (e.g. :func:`pooled_linear_head`). When the sequential already ends in the
+      classifier, give ``nn.Identity()`` as the last head.
+    """
+    if isinstance(getattr(model, "stages", None), nn.ModuleList) and isinstance(getattr(model, "heads", None), nn.ModuleList):
+        if exits_after is not None or heads is not None:
+            raise ValueError("this model already has stages and heads; do not pass exits_after or heads")
+        out = EarlyExitModel(model.stages, model.heads, backend)
+        return out.train(model.training)
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"cannot find exits in {type(model).__name__}: give a module with `stages` and `heads` "
+            "(nn.ModuleList) or an nn.Sequential with exits_after=[...] and heads=..."
+        )
+    if exits_after is None or heads is None:
+        raise ValueError("an nn.Sequential needs exits_after=[i, ...] (module indices) and heads (modules or a factory)")
+    cuts = list(exits_after)
+    if cuts != sorted(set(cuts)) or not cuts or cuts[0] < 0 or cuts[-1] != len(model) - 1:
+        raise ValueError(
+            f"exits_after must be increasing module indices ending at the last module ({len(model) - 1}), got {cuts}"
+        )
+    bounds = [-1, *cuts]
+    stages = [nn.Sequential(*(model[i] for i in range(lo + 1, hi + 1))) for lo, hi in zip(bounds, bounds[1:])]
+    if callable(heads) and not isinstance(heads, (nn.Module, Sequence)):
+        if example_input is None:
+            raise ValueError("a head factory needs example_input (one batch) to learn each stage's output shape")
+        built, x = [], example_input
+        with torch.no_grad():
+            for stage in stages:
+                x = stage(x)
+                built.append(heads(x))
+        heads = built
+    if len(heads) != len(stages):
+        raise ValueError(f"exits_after gives {len(stages)} exits but {len(heads)} heads were given")
+    return EarlyExitModel(stages, list(heads), backend).train(model.training)
