@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
-from eenet_fast.evaluate import compare
+from eenet_fast.evaluate import compare, format_table
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES
 
@@ -30,23 +29,6 @@ def _parse_policies(names: tuple[str, ...]) -> list[str]:
     if unknown:
         raise click.BadParameter(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)} or all")
     return list(dict.fromkeys(names))
-
-
-def format_table(records: list[dict]) -> str:
-    """The policy x budget table printed by ``evaluate``."""
-    rows = [
-        [
-            r["policy"],
-            f"{r['budget']:.4g}",
-            f"{100 * r['accuracy']:.2f}",
-            f"{r['avg_cost']:.4g}",
-            f"{r['val_avg_cost']:.4g}",
-            " / ".join(f"{100 * f:.1f}" for f in r["exit_fractions"]),
-        ]
-        for r in records
-    ]
-    headers = ["policy", "budget", "test acc %", "test cost", "val cost", "exit mix % (exit 1 / ... / K)"]
-    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,19 +58,6 @@ def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_n
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
-        if val.costs is None:
-            val.require_costs()
-        if test.costs is not None and not bool((test.costs == val.costs).all()):
-            raise ValueError(
-                f"the validation and test files hold different costs ({val.costs.tolist()} vs "
-                f"{test.costs.tolist()}); pass --costs to set one set for both"
-            )
-        if (val.num_exits, val.num_classes) != (test.num_exits, test.num_classes):
-            raise ValueError(
-                f"validation has {val.num_exits} exits x {val.num_classes} classes but test has "
-                f"{test.num_exits} x {test.num_classes}: they must come from the same model"
-            )
-        test.require_labels()
         records = compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
 from eenet_fast.policies.base import average_cost
 
-__all__ = ["Evaluation", "evaluate", "compare"]
+__all__ = ["Evaluation", "Calibration", "evaluate", "check_pair", "calibrate", "compare", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,84 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
     )
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """One policy fitted on validation outputs for one budget, evaluated on validation and test."""
+
+    policy: Policy
+    val: Evaluation
+    test: Evaluation
+
+    def record(self) -> dict[str, Any]:
+        """Test numbers (:meth:`Evaluation.record`) plus ``val_avg_cost``, ``val_accuracy``,
+        ``val_exit_fractions`` and ``val_per_exit_accuracy``."""
+        record = self.test.record()
+        record.update(
+            val_avg_cost=self.val.avg_cost,
+            val_accuracy=self.val.accuracy,
+            val_exit_fractions=self.val.exit_fractions,
+            val_per_exit_accuracy=self.val.per_exit_accuracy,
+        )
+        return record
+
+
+def check_pair(val: ExitOutputs, test: ExitOutputs, policies: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``val`` and ``test`` are labelled outputs of one model with the
+    same known costs, and every policy name exists."""
+    val.require_costs()
+    val.require_labels()
+    test.require_labels()
+    if (val.num_exits, val.num_classes) != (test.num_exits, test.num_classes):
+        raise ValueError(
+            f"validation has {val.num_exits} exits x {val.num_classes} classes but test has "
+            f"{test.num_exits} x {test.num_classes}: they must come from the same model"
+        )
+    if test.costs is not None and not bool((test.costs == val.costs).all()):
+        raise ValueError(
+            f"the validation and test outputs hold different costs ({val.costs.tolist()} vs "
+            f"{test.costs.tolist()}); give both the same costs (--costs on the command line)"
+        )
+    unknown = [name for name in policies if name not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    if not policies:
+        raise ValueError("no policy given")
+
+
+def calibrate(
+    val: ExitOutputs,
+    test: ExitOutputs,
+    budgets: Sequence[float | str],
+    policies: Iterable[str] = POLICIES,
+    *,
+    seed: int = 0,
+    policy_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> list[Calibration]:
+    """Fit every policy at every budget on ``val`` and evaluate it on ``val`` and ``test``.
+
+    Args:
+        budgets: average costs (or fractions of the full cost such as ``"0.5x"``).
+        policies: policy names (see :data:`eenet_fast.policies.POLICIES`).
+        seed: seed of the policies that take one (``eenet``, ``search``).
+        policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
+
+    Returns:
+        One :class:`Calibration` per (policy, budget), policy-major.
+    """
+    policies = list(policies)
+    check_pair(val, test, policies)
+    policy_options = policy_options or {}
+    jobs = [(name, budget) for name in policies for budget in budgets]
+    results = []
+    for name, budget in tqdm(jobs, desc="calibrating", disable=not progress, leave=False):
+        options: dict[str, Any] = {"eenet": {"seed": seed, "progress": False}, "search": {"seed": seed}}.get(name, {})
+        options.update(policy_options.get(name, {}))
+        policy = make_policy(name, **options).fit(val, budget)
+        results.append(Calibration(policy, evaluate(policy, val), evaluate(policy, test)))
+    return results
+
+
 def compare(
     val: ExitOutputs,
     test: ExitOutputs,
@@ -72,20 +151,22 @@ def compare(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Fit every policy at every budget on ``val`` and evaluate on ``test``.
+    """:func:`calibrate`, as records (see :meth:`Calibration.record`): the rows of the table."""
+    return [c.record() for c in calibrate(val, test, budgets, policies, seed=seed, progress=progress)]
 
-    Returns:
-        One record per (policy, budget): ``policy, budget, accuracy, avg_cost, val_avg_cost,
-        exit_fractions, per_exit_accuracy``.
-    """
-    policies = list(policies)
-    records = []
-    jobs = [(name, budget) for name in policies for budget in budgets]
-    for name, budget in tqdm(jobs, desc="calibrating", disable=not progress, leave=False):
-        options = {"seed": seed, "progress": False} if name == "eenet" else {}
-        policy = make_policy(name, **options).fit(val, budget)
-        result = evaluate(policy, test)
-        record = result.record()
-        record["val_avg_cost"] = evaluate(policy, val).avg_cost
-        records.append(record)
-    return records
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The policy x budget table (GitHub Markdown) of :func:`compare`'s records."""
+    rows = [
+        [
+            r["policy"],
+            f"{r['budget']:.4g}",
+            f"{100 * r['accuracy']:.2f}",
+            f"{r['avg_cost']:.4g}",
+            f"{r['val_avg_cost']:.4g}",
+            " / ".join(f"{100 * f:.1f}" for f in r["exit_fractions"]),
+        ]
+        for r in records
+    ]
+    headers = ["policy", "budget", "test acc %", "test cost", "val cost", "exit mix % (exit 1 / ... / K)"]
+    return tabulate(rows, headers=headers, tablefmt="github")

@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 from torch import nn
