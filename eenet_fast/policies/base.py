@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 
@@ -232,6 +233,16 @@ class Policy(ABC):
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         """Score ``q_k`` (``[N]`` float32) of every sample at exit ``k`` (0-based)."""
 
+    def score_head(self, k: int) -> ScoreHeadParams | None:
+        """The score at exit ``k`` as plain tensors, for the fused decision of the Triton backend.
+
+        Returns:
+            :class:`~eenet_fast.decision.ScoreHeadParams` (float32, on the CPU) with which
+            :func:`~eenet_fast.decision.decide_reference` gives exactly :meth:`score`, or ``None``
+            when the score is not of that form (the runtime then calls :meth:`score`).
+        """
+        return None
+
     def exit_scores(self, outputs: ExitOutputs) -> torch.Tensor:
         """``[K, N]`` scores of every sample at every exit, computed exit by exit as at inference."""
         history = ExitHistory.empty(outputs.num_samples)
@@ -299,23 +310,28 @@ def best_over_bases(
     costs: torch.Tensor,
     budget: float,
     bases: Sequence[torch.Tensor],
+    levels: Sequence[float] = (1.0,),
 ) -> tuple[torch.Tensor, float]:
     """Fit each base exit mix to the budget and keep the most accurate on these samples.
 
     Args:
         scores: ``[K, N]`` scores; ``correct``: ``[K, N]`` float, exit ``k`` right on sample ``n``.
         bases: ``[K]`` exit-fraction vectors (see :func:`fit_fractions_to_budget`).
+        levels: shares of the budget's slack above the first exit's cost to try spending: more
+            compute is not always more accurate (a later exit can be worse than an earlier one).
 
     Returns:
-        The thresholds of the best base (ties: the lower cost) and its accuracy.
+        The thresholds of the best (base, level) (ties: the lower cost) and its accuracy.
     """
     best: tuple[float, float, torch.Tensor] | None = None
+    floor = float(costs[0])
     for base in bases:
-        thresholds = fit_fractions_to_budget(scores, base, costs, budget)
-        exits = assign_exits(scores, thresholds)
-        key = (float(correct.gather(0, exits[None]).mean()), -average_cost(exits, costs), thresholds)
-        if best is None or key[:2] > best[:2]:
-            best = key
+        for level in levels:
+            thresholds = fit_fractions_to_budget(scores, base, costs, floor + level * (budget - floor))
+            exits = assign_exits(scores, thresholds)
+            key = (float(correct.gather(0, exits[None]).mean()), -average_cost(exits, costs), thresholds)
+            if best is None or key[:2] > best[:2]:
+                best = key
     return best[2], best[0]
 
 

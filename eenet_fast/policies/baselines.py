@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies.base import (
@@ -30,6 +31,9 @@ class MaxProbPolicy(Policy):
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         return features.max_score
 
+    def score_head(self, k: int) -> ScoreHeadParams:
+        return ScoreHeadParams.select(0)
+
     def _fit(self, val: ExitOutputs, budget: float) -> torch.Tensor:
         uniform = torch.full((val.num_exits,), 1.0 / val.num_exits, dtype=torch.float64)
         return fit_fractions_to_budget(self.exit_scores(val), uniform, val.costs, budget)
@@ -43,6 +47,9 @@ class EntropyPolicy(MaxProbPolicy):
 
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         return features.entropy_conf
+
+    def score_head(self, k: int) -> ScoreHeadParams:
+        return ScoreHeadParams.select(1)
 
 
 class PatiencePolicy(Policy):
@@ -88,7 +95,9 @@ class SearchPolicy(MaxProbPolicy):
 
     Thresholds are parametrised by the exit mix they produce: starting from MSDNet's geometric mix,
     ``rounds`` rounds of ``samples`` random mixes around the best one so far (the spread halving each
-    round) are each fitted to the budget, and the most accurate on validation is kept.
+    round) are each fitted to the budget (and to half and three quarters of its slack above the
+    first exit's cost, since a later exit is not always more accurate), and the most accurate on
+    validation is kept.
 
     Args:
         rounds: search rounds.
@@ -109,7 +118,7 @@ class SearchPolicy(MaxProbPolicy):
         thresholds, accuracy = best_over_bases(scores, correct, val.costs, budget, [best])
         for round_ in range(self.rounds):
             bases = random_bases(best, self.samples, 2.0 / 2**round_, generator)
-            trial, trial_accuracy = best_over_bases(scores, correct, val.costs, budget, bases)
+            trial, trial_accuracy = best_over_bases(scores, correct, val.costs, budget, bases, levels=(0.5, 0.75, 1.0))
             if trial_accuracy > accuracy:
                 thresholds, accuracy = trial, trial_accuracy
                 best = torch.bincount(assign_exits(scores, trial), minlength=val.num_exits).double() / val.num_samples

@@ -19,8 +19,9 @@ Losses on the validation outputs (``acc_{n,k}`` = exit ``k`` is right on sample 
 Phases alternate every ``phase_epochs`` epochs: ``L_bce`` trains the score heads, then
 ``kl_weight L_kl + cost_weight L_cost`` trains the assignment heads. Thresholds: the mean of ``pi``
 gives target exit fractions; the sequential quantile walk turns them into thresholds, tilted towards
-cheaper exits until the validation cost meets the budget; random restarts around those fractions
-keep the one with the best validation accuracy.
+cheaper exits until the validation cost meets the budget; random restarts around those fractions,
+each also tried at half and three quarters of the budget's slack (a later exit is not always more
+accurate), keep the one with the best validation accuracy.
 
 Fixed relative to the authors' release: gradients are zeroed every step; the weights kept are a
 copy, not a reference to the live model; every loss term is defined; the budget is met exactly
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies.base import (
@@ -195,8 +197,23 @@ class EENetPolicy(Policy):
         if self.scheduler is None:
             raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
         g = Scheduler.confidences(features.max_score, features.entropy_conf, history.scores)
+        if self.scheduler.score_heads[k].linear.device != g.device:
+            self.scheduler.to(g.device)  # once, when the model runs on another device than calibration
         with torch.no_grad():
             return self.scheduler.score_heads[k](features.probs, g)
+
+    def score_head(self, k: int) -> ScoreHeadParams:
+        if self.scheduler is None:
+            raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
+        head = self.scheduler.score_heads[k]
+        hidden = head.hidden
+        return ScoreHeadParams(
+            head.class_weight.detach(),
+            head.linear.detach(),
+            None if hidden is None else hidden.weight.detach(),
+            None if hidden is None else hidden.bias.detach(),
+            None if hidden is None else head.out.detach(),
+        )
 
     # -------------------------------------------------------------- fitting
     def _fit(self, val: ExitOutputs, budget: float) -> torch.Tensor:
@@ -253,5 +270,7 @@ class EENetPolicy(Policy):
         self.target_fractions = torch.softmax(a, 0).mean(1).double()
         uniform = torch.full_like(self.target_fractions, 1.0 / val.num_exits)
         bases = [self.target_fractions, uniform, *random_bases(self.target_fractions, self.restarts, 1.0, generator)]
-        thresholds, _ = best_over_bases(self.exit_scores(val), val.correct.float(), val.costs, budget, bases)
+        thresholds, _ = best_over_bases(
+            self.exit_scores(val), val.correct.float(), val.costs, budget, bases, levels=(0.5, 0.75, 1.0)
+        )
         return thresholds
