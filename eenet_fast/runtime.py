@@ -5,7 +5,7 @@ The data path of :meth:`EarlyExitModel.forward`, for each exit ``k`` in order::
     state  = stages[k](state)                 # only the samples still running
     logits = heads[k](state)
     q, leave = backend.decide(policy, k, logits, history)
-    write the leaving rows' logits, prediction and exit index to their input positions
+    backend.write_exited(...)                 # the leaving rows' logits, prediction, exit index
     state, ids, history = backend.compact(~leave, state, ids, history)
 
 Every per-sample tensor (activations, tuple/dict entries with the batch first, sample ids, earlier
@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eenet_fast.compaction import compact_reference, write_exited_reference
 from eenet_fast.features import exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.persist import exits_fingerprint, load_policy, save_policy
 from eenet_fast.policies import ExitHistory, Policy, make_policy
 from eenet_fast.zoo import count_flops
 
-__all__ = ["ExitResult", "EarlyExitModel", "wrap", "pooled_linear_head", "map_batch"]
+__all__ = ["ExitResult", "EarlyExitModel", "TorchBackend", "TritonBackend", "wrap", "pooled_linear_head", "map_batch"]
 
 Backend = Literal["auto", "torch", "triton"]
 CostSpec = Literal["flops", "latency"] | Sequence[float]
@@ -98,20 +99,78 @@ class TorchBackend:
             leave = (q >= policy.thresholds[k].to(q.device)) & ~nonfinite
         return q, feats.prediction, leave, nonfinite
 
+    write_exited = staticmethod(write_exited_reference)
+
     @staticmethod
     def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
-        index = keep.nonzero().squeeze(1)
-        batch = keep.shape[0]
-        take = lambda t: t.index_select(0, index)  # noqa: E731
-        return (map_batch(take, state, batch), *(take(t) for t in per_sample))
+        take = lambda t: compact_reference(keep, t)[0]  # noqa: E731
+        return (map_batch(take, state, keep.shape[0]), *(take(t) for t in per_sample))
+
+
+class TritonBackend:
+    """Fused Triton kernels (``eenet_fast.kernels``) on CUDA tensors; CPU tensors only under Triton's
+    interpreter (``TRITON_INTERPRET=1``). Same interface and results as :class:`TorchBackend`.
+
+    ``decide`` is one launch per exit when the policy has a score head (:meth:`Policy.score_head`)
+    and the logits are float32/float16/bfloat16, else :meth:`TorchBackend.decide`; ``compact`` is
+    one prefix sum, one host read of the kept count and one gather launch per per-sample tensor.
+    """
+
+    name = "triton"
+
+    @staticmethod
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool):
+        """Exit decision at exit ``k`` for logits ``[B, C]``: see :meth:`TorchBackend.decide`."""
+        from eenet_fast.kernels.exit_decision import LOGIT_DTYPES, exit_decision
+
+        head = policy.score_head(k)
+        if head is None or logits.dtype not in LOGIT_DTYPES:
+            return TorchBackend.decide(policy, k, logits, history, last)
+        decision = exit_decision(logits, head.to(logits.device), history.scores, float(policy.thresholds[k]), last)
+        return decision.score, decision.prediction, decision.leave, decision.nonfinite
+
+    @staticmethod
+    def write_exited(*args: Any) -> None:
+        """Scatter the leaving rows' results (see :func:`eenet_fast.compaction.write_exited_reference`)."""
+        from eenet_fast.kernels.compaction import write_exited
+
+        write_exited(*args)
+
+    @staticmethod
+    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
+        """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
+        from eenet_fast.kernels.compaction import gather_kept, keep_positions
+
+        positions, count = keep_positions(keep)
+        take = lambda t: gather_kept(t, keep, positions, count)  # noqa: E731
+        return (map_batch(take, state, keep.shape[0]), *(take(t) for t in per_sample))
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    """Why the triton backend cannot run on ``device`` (``None`` when it can)."""
+    try:
+        from eenet_fast.kernels.exit_decision import INTERPRET
+    except ImportError as error:
+        return f"triton cannot be imported ({error})"
+    if device.type != "cuda" and not INTERPRET:
+        return (
+            f"the model is on {device} and the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+            "before eenet_fast.kernels is imported, to run them in Triton's CPU interpreter)"
+        )
+    return None
 
 
 def _backend(name: str, device: torch.device):
-    if name == "auto" or name == "torch":
+    if name == "torch":
         return TorchBackend
+    if name == "auto":
+        return TritonBackend if device.type == "cuda" and _triton_unavailable(device) is None else TorchBackend
     if name == "triton":
-        raise NotImplementedError("the triton backend is not available yet; use backend='torch' (or 'auto')")
+        reason = _triton_unavailable(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' is not available: {reason}; use backend='torch' (or 'auto')")
+        return TritonBackend
     raise ValueError(f"unknown backend {name!r}; choose 'auto', 'torch' or 'triton'")
 
 
@@ -276,11 +335,8 @@ class EarlyExitModel(nn.Module):
             if out_logits is None:
                 out_logits = logits.new_empty(batch, logits.shape[1])
             q, prediction, leave, nonfinite = backend.decide(self.policy, k, logits, history, k == self.num_exits - 1)
-            out_nonfinite.index_fill_(0, ids[nonfinite], True)
-            leaving = ids[leave]
-            out_logits.index_copy_(0, leaving, logits[leave])
-            out_exits.index_fill_(0, leaving, k)
-            out_predictions.index_copy_(0, leaving, prediction[leave])
+            backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
+                                 out_logits, out_predictions, out_exits, out_nonfinite)
             history = history.extend(q, prediction)
             keep = ~leave
             state, ids, scores, predictions = backend.compact(keep, state, ids, history.scores, history.predictions)

@@ -1,0 +1,63 @@
+"""Batch compaction after an exit, in plain PyTorch: the reference of ``eenet_fast.kernels.compaction``.
+
+After the decision at exit ``k`` on the ``B`` rows still running (sample ids ``ids [B]``):
+
+* the leaving rows' results go to their samples' positions in the outputs (:func:`write_exited_reference`);
+* the kept rows of every per-sample tensor are gathered, in order, into new tensors with
+  ``count = keep.sum()`` rows (:func:`compact_reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compact_reference", "write_exited_reference"]
+
+
+def compact_reference(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each tensor where ``keep`` is true, in order.
+
+    Args:
+        keep: ``[B]`` bool.
+        tensors: tensors ``[B, ...]`` of any dtype and trailing shape.
+
+    Returns:
+        One ``[count, ...]`` tensor per input (advanced indexing, which keeps channels-last
+        strides; one host sync to count the rows).
+    """
+    if keep.ndim != 1 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a [B] bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+    for t in tensors:
+        if t.ndim < 1 or t.shape[0] != keep.shape[0]:
+            raise ValueError(f"every tensor needs the batch ({keep.shape[0]}) first, got shape {tuple(t.shape)}")
+    index = keep.nonzero().squeeze(1)
+    return tuple(t[index] for t in tensors)
+
+
+def write_exited_reference(
+    leave: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    nonfinite: torch.Tensor,
+    exit_index: int,
+    out_logits: torch.Tensor,
+    out_predictions: torch.Tensor,
+    out_exits: torch.Tensor,
+    out_nonfinite: torch.Tensor,
+) -> None:
+    """Write the results of the rows that leave at exit ``exit_index`` to their samples' positions.
+
+    Args:
+        leave, nonfinite: ``[B]`` bool, the row leaves now / holds NaN or Inf.
+        ids: ``[B]`` int64 sample index of each row in the outputs.
+        logits: ``[B, C]``; prediction: ``[B]`` int64.
+        out_logits: ``[N, C]``; out_predictions, out_exits: ``[N]`` int64; out_nonfinite: ``[N]`` bool.
+            Rows of leaving samples are overwritten (logits cast to ``out_logits``' dtype);
+            ``out_nonfinite`` is set for every nonfinite row, leaving or not.
+    """
+    out_nonfinite.index_fill_(0, ids[nonfinite], True)
+    leaving = ids[leave]
+    out_logits.index_copy_(0, leaving, logits[leave].to(out_logits.dtype))
+    out_exits.index_fill_(0, leaving, exit_index)
+    out_predictions.index_copy_(0, leaving, prediction[leave])
