@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -211,6 +212,18 @@ def fit_fractions_to_budget(
     return lo_t
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread: fitting is thousands of small ops, which gain nothing from more
+    threads and slow down many times over when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Policy(ABC):
     """An exit policy: scores per exit plus thresholds fitted for a budget.
 
@@ -262,7 +275,8 @@ class Policy(ABC):
             raise ValueError("cannot fit a policy on an empty validation set")
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
-        self.thresholds = self._fit(val, self.budget)
+        with _one_thread():
+            self.thresholds = self._fit(val, self.budget)
         exits = self.assign(val)
         cost = average_cost(exits, costs)
         if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
