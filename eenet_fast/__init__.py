@@ -2,13 +2,16 @@
 
 The calibration side works on cached exit outputs (:class:`ExitOutputs`): policies
 (:func:`make_policy`, EENet and the baselines) are fitted for an average-cost budget on validation
-outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`).
+outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The runtime side,
+:func:`wrap`, turns a multi-exit model into an :class:`EarlyExitModel` whose forward really stops.
 """
 
 from eenet_fast.evaluate import Evaluation, compare, evaluate
 from eenet_fast.features import ExitFeatures, agreement, exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.runtime import EarlyExitModel, ExitResult, pooled_linear_head, wrap
+from eenet_fast.training import fit_exits
 
 __version__ = "0.1.0"
 
@@ -23,4 +26,9 @@ __all__ = [
     "Evaluation",
     "evaluate",
     "compare",
+    "wrap",
+    "pooled_linear_head",
+    "EarlyExitModel",
+    "ExitResult",
+    "fit_exits",
 ]
