@@ -52,7 +52,7 @@ class DemoConfig:
     model_key: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model_key = {"widths": list(self.widths), "epochs": self.epochs, "seed": self.seed}
+        self.model_key = {"widths": list(self.widths), "epochs": self.epochs, "seed": self.seed, "head_grid": 4}
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list:

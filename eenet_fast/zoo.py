@@ -28,11 +28,11 @@ class MultiExitCNN(nn.Module):
     """A plain CNN for small images with one exit after each stage.
 
     Stage ``k`` is (Conv3x3-BN-ReLU) x 2 at width ``widths[k]``, followed by a 2x2 max-pool except
-    for the last stage; so the resolution halves from stage to stage while the width grows. An early
-    head ``k < K - 1`` average-pools its stage's output to a ``head_grid x head_grid`` grid and
-    applies ``Linear(widths[k] * head_grid**2, num_classes)``: keeping a coarse layout makes early
-    exits far more accurate than a global pool (on Fashion-MNIST, exit 1 reaches about 83 % instead
-    of 55 %) for a negligible cost. The last head, the final classifier, pools globally.
+    for the last stage; so the resolution halves from stage to stage while the width grows. Head ``k``
+    average-pools its stage's output to a ``head_grid x head_grid`` grid and applies
+    ``Linear(widths[k] * head_grid**2, num_classes)``: keeping a coarse layout makes the exits far
+    more accurate than a global pool for a negligible cost (on Fashion-MNIST after 3 epochs: exit 1
+    about 83 % instead of 55 %, and the last exit 89 % instead of 84 %, below exit 2).
 
     The default widths grow faster than the resolution shrinks, so that later stages are dearer
     and early exits save real time: on 28x28 inputs the cumulative costs of the three exits are
@@ -45,7 +45,7 @@ class MultiExitCNN(nn.Module):
         in_channels: channels of the input images.
         num_classes: classes ``C``.
         widths: output channels of each stage; ``len(widths)`` is the number of exits ``K``.
-        head_grid: side of the pooled grid read by the early heads (1: global average pool).
+        head_grid: side of the pooled grid read by every head (1: global average pool).
     """
 
     def __init__(
@@ -64,9 +64,10 @@ class MultiExitCNN(nn.Module):
             if k < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             self.stages.append(nn.Sequential(*layers))
-            grid = head_grid if k < len(widths) - 1 else 1
             self.heads.append(
-                nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten(), nn.Linear(width * grid * grid, num_classes))
+                nn.Sequential(
+                    nn.AdaptiveAvgPool2d(head_grid), nn.Flatten(), nn.Linear(width * head_grid**2, num_classes)
+                )
             )
             previous = width
         self.to(memory_format=torch.channels_last)
