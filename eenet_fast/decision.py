@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from eenet_fast.features import exit_features
 
-__all__ = ["ScoreHeadParams", "Decision", "decide_reference", "check_decision_inputs"]
+__all__ = ["ScoreHeadParams", "Decision", "decide_reference", "exit_flags", "check_decision_inputs"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,15 @@ def decide_reference(
         q = feats.probs @ head.class_weight + q
     if head.hidden_weight is not None:
         q = q + torch.relu(F.linear(g, head.hidden_weight, head.hidden_bias)) @ head.out
-    nonfinite = ~torch.isfinite(logits).all(1)
-    leave = torch.ones_like(nonfinite) if last else (q >= threshold) & ~nonfinite
+    leave, nonfinite = exit_flags(logits, q, threshold, last)
     return Decision(q, feats.prediction, leave, nonfinite)
+
+
+def exit_flags(
+    logits: torch.Tensor, score: torch.Tensor, threshold: float | torch.Tensor, last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leave, nonfinite)``, both ``[B]`` bool: a row leaves when ``score >= threshold`` and its
+    logits ``[B, C]`` are all finite; at the last exit every row leaves."""
+    nonfinite = ~torch.isfinite(logits).all(1)
+    leave = torch.ones_like(nonfinite) if last else (score >= threshold) & ~nonfinite
+    return leave, nonfinite

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eenet_fast.compaction import compact_reference, write_exited_reference
+from eenet_fast.decision import exit_flags
 from eenet_fast.features import exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.persist import exits_fingerprint, load_policy, save_policy
@@ -67,6 +68,17 @@ def map_batch(fn: Callable[[torch.Tensor], torch.Tensor], state: Any, batch_size
     return state
 
 
+def compact_state(
+    compact: Callable[..., tuple[torch.Tensor, ...]], keep: torch.Tensor, state: Any, *per_sample: torch.Tensor
+) -> tuple[Any, ...]:
+    """Compact ``state`` (see :func:`map_batch`) and each per-sample tensor with one call of
+    ``compact(keep, *tensors)``, so the kept positions are counted once for all of them."""
+    batch, leaves = keep.shape[0], []
+    map_batch(lambda t: leaves.append(t) or t, state, batch)
+    kept = iter(compact(keep, *leaves, *per_sample))
+    return (map_batch(lambda t: next(kept), state, batch), *kept)
+
+
 def _batch_size(x: Any) -> int:
     if isinstance(x, torch.Tensor):
         return x.shape[0]
@@ -92,11 +104,7 @@ class TorchBackend:
         """
         feats = exit_features(logits)
         q = policy.score(k, feats, history).float()
-        nonfinite = ~torch.isfinite(logits).all(1)
-        if last:
-            leave = torch.ones_like(nonfinite)
-        else:
-            leave = (q >= policy.thresholds[k].to(q.device)) & ~nonfinite
+        leave, nonfinite = exit_flags(logits, q, policy.thresholds[k].to(q.device), last)
         return q, feats.prediction, leave, nonfinite
 
     write_exited = staticmethod(write_exited_reference)
@@ -104,8 +112,7 @@ class TorchBackend:
     @staticmethod
     def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
-        take = lambda t: compact_reference(keep, t)[0]  # noqa: E731
-        return (map_batch(take, state, keep.shape[0]), *(take(t) for t in per_sample))
+        return compact_state(compact_reference, keep, state, *per_sample)
 
 
 class TritonBackend:
@@ -140,11 +147,9 @@ class TritonBackend:
     @staticmethod
     def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
-        from eenet_fast.kernels.compaction import gather_kept, keep_positions
+        from eenet_fast.kernels.compaction import compact
 
-        positions, count = keep_positions(keep)
-        take = lambda t: gather_kept(t, keep, positions, count)  # noqa: E731
-        return (map_batch(take, state, keep.shape[0]), *(take(t) for t in per_sample))
+        return compact_state(compact, keep, state, *per_sample)
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
