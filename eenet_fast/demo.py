@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eenet_fast.datasets import load_fashion_mnist
@@ -40,6 +41,7 @@ class DemoConfig:
     data: Path | None = None
     out: Path = Path("eenet_runs/demo")
     widths: tuple[int, ...] = (12, 32, 96)  # (model)
+    head_grid: int = 4  # (model)
     epochs: int = 3  # (model)
     seed: int = 0  # (model)
     budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.7)
@@ -52,7 +54,9 @@ class DemoConfig:
     model_key: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model_key = {"widths": list(self.widths), "epochs": self.epochs, "seed": self.seed, "head_grid": 4}
+        self.model_key = {
+            "widths": list(self.widths), "epochs": self.epochs, "seed": self.seed, "head_grid": self.head_grid
+        }
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list:
@@ -60,12 +64,10 @@ def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list:
 
 
 def _trained_model(cfg: DemoConfig, data: dict, log: Callable[[str], None]) -> MultiExitCNN:
-    net = MultiExitCNN(widths=cfg.widths)
+    net = MultiExitCNN(widths=cfg.widths, head_grid=cfg.head_grid)
     path = cfg.out / "model.safetensors"
     key = json.dumps(cfg.model_key, sort_keys=True)
     if path.exists():
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             cached_key = (f.metadata() or {}).get("config")
         if cached_key == key:
