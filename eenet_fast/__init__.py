@@ -7,6 +7,7 @@ outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The r
 """
 
 from eenet_fast.evaluate import Evaluation, compare, evaluate
+from eenet_fast.families import TokenHead, conv_head
 from eenet_fast.features import ExitFeatures, agreement, exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
@@ -31,4 +32,6 @@ __all__ = [
     "EarlyExitModel",
     "ExitResult",
     "fit_exits",
+    "conv_head",
+    "TokenHead",
 ]

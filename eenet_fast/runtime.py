@@ -25,15 +25,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eenet_fast.batch import batch_size, map_batch, move_to
 from eenet_fast.compaction import compact_reference, write_exited_reference
 from eenet_fast.decision import exit_flags
+from eenet_fast.families import FAMILIES, find_backbone
 from eenet_fast.features import exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.persist import exits_fingerprint, load_policy, save_policy
 from eenet_fast.policies import ExitHistory, Policy, make_policy
 from eenet_fast.zoo import count_flops
 
-__all__ = ["ExitResult", "EarlyExitModel", "TorchBackend", "TritonBackend", "wrap", "pooled_linear_head", "map_batch"]
+__all__ = ["ExitResult", "EarlyExitModel", "TorchBackend", "TritonBackend", "wrap", "pooled_linear_head"]
 
 Backend = Literal["auto", "torch", "triton"]
 CostSpec = Literal["flops", "latency"] | Sequence[float]
@@ -56,18 +58,6 @@ class ExitResult:
     nonfinite: torch.Tensor
 
 
-def map_batch(fn: Callable[[torch.Tensor], torch.Tensor], state: Any, batch_size: int) -> Any:
-    """Apply ``fn`` to every tensor in ``state`` (a tensor, or tuple/list/dict of them) whose first
-    dimension is the batch (``batch_size``); everything else passes through unchanged."""
-    if isinstance(state, torch.Tensor):
-        return fn(state) if state.ndim and state.shape[0] == batch_size else state
-    if isinstance(state, Mapping):
-        return type(state)({key: map_batch(fn, value, batch_size) for key, value in state.items()})
-    if isinstance(state, (tuple, list)):
-        return type(state)(map_batch(fn, value, batch_size) for value in state)
-    return state
-
-
 def compact_state(
     compact: Callable[..., tuple[torch.Tensor, ...]], keep: torch.Tensor, state: Any, *per_sample: torch.Tensor
 ) -> tuple[Any, ...]:
@@ -77,16 +67,6 @@ def compact_state(
     map_batch(lambda t: leaves.append(t) or t, state, batch)
     kept = iter(compact(keep, *leaves, *per_sample))
     return (map_batch(lambda t: next(kept), state, batch), *kept)
-
-
-def _batch_size(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return value.shape[0]
-    raise TypeError(f"cannot find the batch in the input: expected a tensor or a tuple/dict of tensors, got {type(x).__name__}")
 
 
 class TorchBackend:
@@ -187,15 +167,26 @@ class EarlyExitModel(nn.Module):
             Outputs may be a tensor or a tuple/dict of tensors with the batch first.
         heads: ``K`` modules; head ``k`` maps stage ``k``'s output to logits ``[B, C]``.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``triton`` on CUDA tensors when available).
+        new_heads: indices of the heads that :func:`wrap` added to a trained model (empty when the
+            heads came with the model): :func:`fit_exits` trains only these by default.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module], backend: Backend = "auto") -> None:
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        backend: Backend = "auto",
+        new_heads: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         if len(stages) != len(heads) or not len(heads):
             raise ValueError(f"need one head per stage and at least one of each, got {len(stages)} stages and {len(heads)} heads")
         self.stages = stages if isinstance(stages, nn.ModuleList) else nn.ModuleList(stages)
         self.heads = heads if isinstance(heads, nn.ModuleList) else nn.ModuleList(heads)
         self.backend = backend
+        self.new_heads = tuple(sorted(set(new_heads)))
+        if any(not 0 <= k < len(heads) for k in self.new_heads):
+            raise ValueError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
         self.policy: Policy | None = None
 
     @property
@@ -224,7 +215,7 @@ class EarlyExitModel(nn.Module):
         device = self._device()
         for batch in tqdm(loader, desc="collecting exit outputs", disable=not progress, leave=False):
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-            for k, z in enumerate(self.all_exits(_to(x, device))):
+            for k, z in enumerate(self.all_exits(move_to(x, device))):
                 chunks[k].append(z.float().cpu())
             if y is not None:
                 labels.append(torch.as_tensor(y).cpu())
@@ -264,7 +255,7 @@ class EarlyExitModel(nn.Module):
                 times.append(time.perf_counter() - start)
             return sorted(times)[len(times) // 2], out
 
-        x, total, costs = _to(example, self._device()), 0.0, []
+        x, total, costs = move_to(example, self._device()), 0.0, []
         for stage, head in zip(self.stages, self.heads):
             stage_time, x = timed(lambda: stage(x))
             head_time, _ = timed(lambda: head(x))
@@ -302,7 +293,7 @@ class EarlyExitModel(nn.Module):
             outputs = self.collect(val)
             example = next(iter(val))
             example = example[0] if isinstance(example, (tuple, list)) and len(example) == 2 else example
-            outputs = outputs.with_costs(self.measure_costs(costs, _to(example, self._device())))
+            outputs = outputs.with_costs(self.measure_costs(costs, move_to(example, self._device())))
         if outputs.num_exits != self.num_exits:
             raise ValueError(f"the outputs have {outputs.num_exits} exits but this model has {self.num_exits}")
         fitted = (make_policy(policy, **policy_options) if isinstance(policy, str) else policy).fit(outputs, budget)
@@ -323,7 +314,7 @@ class EarlyExitModel(nn.Module):
         if self.policy is None:
             raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
         backend = _backend(self.backend, self._device())
-        batch = _batch_size(x)
+        batch = batch_size(x)
         device = self._device()
         ids = torch.arange(batch, device=device)
         history = ExitHistory.empty(batch, device)
@@ -378,16 +369,6 @@ class EarlyExitModel(nn.Module):
             )
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return type(x)({k: _to(v, device) for k, v in x.items()})
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
 def pooled_linear_head(num_classes: int) -> Callable[[torch.Tensor], nn.Module]:
     """A head factory: from a stage's example output ``[B, D, ...]`` build global average pooling
     over the trailing dims and ``Linear(D, num_classes)``."""
@@ -410,29 +391,58 @@ def wrap(
     model: nn.Module,
     *,
     exits_after: Sequence[int] | None = None,
-    heads: Sequence[nn.Module] | Callable[[torch.Tensor], nn.Module] | None = None,
+    heads: Sequence[nn.Module] | Callable[[Any], nn.Module] | None = None,
     example_input: Any = None,
     backend: Backend = "auto",
 ) -> EarlyExitModel:
-    """Turn a multi-exit model into an :class:`EarlyExitModel`.
+    """Turn a model into an :class:`EarlyExitModel`. Three forms:
 
-    Two forms:
+    * **a recognised backbone** (see :mod:`eenet_fast.families`): a torchvision-style ResNet, a
+      Hugging Face ViT image classifier or a BERT-style sequence classifier. ``wrap(model)`` alone
+      places exits after every layer group (ResNet) or every few layers (about 4 exits), with new
+      heads (:func:`~eenet_fast.families.conv_head`, :class:`~eenet_fast.families.TokenHead`) on the
+      early exits and the model's own classifier as the last exit. ``exits_after`` (0-based block
+      indices, ending at the last block) moves the exits; ``heads`` replaces the early exits' heads
+      (``K - 1`` modules, or a factory called on each early stage's output for ``example_input``).
+      With ``example_input``, the last exit is checked against ``model(example_input)``.
+    * **a module with** ``stages`` **and** ``heads`` (``nn.ModuleList`` of equal length): used as is.
+    * **an** ``nn.Sequential`` split after the module indices ``exits_after`` (the last index must be
+      the last module), with ``heads`` one module per exit or a factory called on each stage's output
+      for ``example_input`` (e.g. :func:`pooled_linear_head`). When the sequential already ends in
+      the classifier, give ``nn.Identity()`` as the last head.
 
-    * a module with ``stages`` and ``heads`` (``nn.ModuleList`` of equal length): used as is;
-    * an ``nn.Sequential`` split after the module indices ``exits_after`` (the last index must be the
-      last module), with ``heads`` one module per exit or a factory called on each stage's output for
-      ``example_input`` (e.g. :func:`pooled_linear_head`). When the sequential already ends in the
-      classifier, give ``nn.Identity()`` as the last head.
+    The wrapped model shares its parameters with ``model`` and keeps its train/eval mode.
     """
     if isinstance(getattr(model, "stages", None), nn.ModuleList) and isinstance(getattr(model, "heads", None), nn.ModuleList):
         if exits_after is not None or heads is not None:
             raise ValueError("this model already has stages and heads; do not pass exits_after or heads")
         out = EarlyExitModel(model.stages, model.heads, backend)
         return out.train(model.training)
+    backbone = find_backbone(model)
+    if backbone is not None:
+        cuts = list(backbone.default_exits if exits_after is None else exits_after)
+        stages = backbone.stages(cuts)
+        if heads is None:
+            early = [backbone.new_head(i) for i in cuts[:-1]]
+        else:
+            early = _build_heads(heads, stages[:-1], example_input)
+        if len(early) != len(stages) - 1:
+            raise ValueError(
+                f"a {backbone.family} with exits after {backbone.block_name}s {cuts} needs {len(stages) - 1} "
+                f"early-exit heads (its own classifier is the last exit), got {len(early)}"
+            )
+        _match_model(early, model)
+        out = EarlyExitModel(stages, [*early, backbone.output_head], backend, new_heads=range(len(early)))
+        out.train(model.training)
+        if example_input is not None:
+            _check_last_exit(out, model, example_input, backbone.family)
+        return out
     if not isinstance(model, nn.Sequential):
         raise TypeError(
-            f"cannot find exits in {type(model).__name__}: give a module with `stages` and `heads` "
-            "(nn.ModuleList) or an nn.Sequential with exits_after=[...] and heads=..."
+            f"cannot find exits in {type(model).__name__}: it is none of the recognised families "
+            f"({', '.join(FAMILIES)}; see eenet_fast.families). Give a module with `stages` and `heads` "
+            "(nn.ModuleList), or an nn.Sequential with exits_after=[...] and heads=..., or build "
+            "EarlyExitModel(stages=[...], heads=[...]) yourself"
         )
     if exits_after is None or heads is None:
         raise ValueError("an nn.Sequential needs exits_after=[i, ...] (module indices) and heads (modules or a factory)")
@@ -443,15 +453,53 @@ def wrap(
         )
     bounds = [-1, *cuts]
     stages = [nn.Sequential(*(model[i] for i in range(lo + 1, hi + 1))) for lo, hi in zip(bounds, bounds[1:])]
-    if callable(heads) and not isinstance(heads, (nn.Module, Sequence)):
-        if example_input is None:
-            raise ValueError("a head factory needs example_input (one batch) to learn each stage's output shape")
-        built, x = [], example_input
-        with torch.no_grad():
-            for stage in stages:
-                x = stage(x)
-                built.append(heads(x))
-        heads = built
-    if len(heads) != len(stages):
-        raise ValueError(f"exits_after gives {len(stages)} exits but {len(heads)} heads were given")
-    return EarlyExitModel(stages, list(heads), backend).train(model.training)
+    built = _build_heads(heads, stages, example_input)
+    if len(built) != len(stages):
+        raise ValueError(f"exits_after gives {len(stages)} exits but {len(built)} heads were given")
+    new = range(len(built)) if _is_factory(heads) else ()
+    return EarlyExitModel(stages, built, backend, new_heads=new).train(model.training)
+
+
+def _is_factory(heads: Any) -> bool:
+    return callable(heads) and not isinstance(heads, (nn.Module, Sequence))
+
+
+def _build_heads(heads: Any, stages: Sequence[nn.Module], example_input: Any) -> list[nn.Module]:
+    """``heads`` as a list: the modules given, or a factory called on each stage's output for ``example_input``."""
+    if not _is_factory(heads):
+        return list(heads)
+    if example_input is None:
+        raise ValueError("a head factory needs example_input (one batch) to learn each stage's output shape")
+    built, x = [], example_input
+    with torch.no_grad():
+        for stage in stages:
+            x = stage(x)
+            built.append(heads(x))
+    return built
+
+
+def _match_model(heads: list[nn.Module], model: nn.Module) -> None:
+    """Put new heads on the device and floating dtype of the model's parameters."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        for head in heads:
+            head.to(device=param.device, dtype=param.dtype)
+
+
+@torch.no_grad()
+def _check_last_exit(wrapped: EarlyExitModel, model: nn.Module, example_input: Any, family: str) -> None:
+    """Raise unless the last exit of ``wrapped`` gives ``model``'s logits on ``example_input``."""
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(**example_input) if isinstance(example_input, Mapping) else model(example_input)
+        expected = getattr(expected, "logits", expected)
+        got = wrapped.all_exits(example_input)[-1]
+    finally:
+        model.train(was_training)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"{type(model).__name__} looks like a {family} but its forward computes something else than the "
+            "layout eenet_fast.families expects (the last exit does not reproduce its output); wrap it with "
+            "explicit stages and heads: EarlyExitModel(stages=[...], heads=[...])"
+        )

@@ -12,12 +12,14 @@ early exits are also pulled towards the final classifier's softened outputs (sel
 from __future__ import annotations
 
 from collections.abc import Iterable, Sized
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from eenet_fast.batch import batch_size, move_to
 from eenet_fast.zoo import check_multi_exit
 
 __all__ = ["fit_exits", "exit_loss"]
@@ -58,11 +60,11 @@ def exit_loss(
 
 def fit_exits(
     model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[tuple[Any, torch.Tensor]],
     epochs: int,
     *,
     lr: float = 1e-3,
-    freeze_backbone: bool = False,
+    train: Literal["auto", "new_heads", "heads", "all"] = "auto",
     distill_temperature: float = 3.0,
     distill_weight: float = 0.01,
     device: torch.device | str | None = None,
@@ -78,13 +80,19 @@ def fit_exits(
         model: an ``nn.Module`` with ``stages`` and ``heads`` (equal-length ``nn.ModuleList``) and
             ``all_exits(x) -> list`` of ``K`` logits ``[B, C]``.
         loader: a sized iterable (e.g. a ``DataLoader``) of ``(x, y)`` batches, ``x`` the model's input
-            ``[B, ...]`` and ``y`` int64 labels ``[B]``; it is iterated once per epoch.
+            (a tensor ``[B, ...]`` or a dict/tuple of tensors with the batch first, such as a
+            tokenizer's output) and ``y`` int64 labels ``[B]``; it is iterated once per epoch.
         epochs: passes over ``loader``, at least 1.
         lr: AdamW learning rate (default weight decay 1e-2).
-        freeze_backbone: train only ``heads``. Every other parameter (the stages, and anything
-            outside both lists) gets ``requires_grad=False`` during training and its modules stay in
-            eval mode, so batch-norm statistics do not move; the ``requires_grad`` flags are
-            restored at the end.
+        train: which parameters learn; all others get ``requires_grad=False`` during training (the
+            flags are restored at the end) and their modules stay in eval mode, so batch-norm
+            statistics do not move.
+
+            * ``"all"``: every parameter (a multi-exit model trained from scratch);
+            * ``"heads"``: every head, the stages frozen;
+            * ``"new_heads"``: only the heads :func:`eenet_fast.wrap` added to a trained model
+              (``model.new_heads``); the backbone and the model's own classifier stay as they are;
+            * ``"auto"`` (default): ``"new_heads"`` when the model has new heads, else ``"all"``.
         distill_temperature: temperature ``T`` of the self-distillation term, > 0.
         distill_weight: weight of the self-distillation term, >= 0 (0 switches it off).
         device: where to train; defaults to the device of the model's first parameter. The model is
@@ -104,6 +112,14 @@ def fit_exits(
     The model is left in eval mode.
     """
     _, heads = check_multi_exit(model)
+    new_heads = tuple(getattr(model, "new_heads", ()))
+    if train == "auto":
+        train = "new_heads" if new_heads else "all"
+    if train == "new_heads" and not new_heads:
+        raise ValueError("train='new_heads' but the model has no new heads (model.new_heads is empty); use 'heads' or 'all'")
+    if train not in ("new_heads", "heads", "all"):
+        raise ValueError(f"train must be 'auto', 'new_heads', 'heads' or 'all', got {train!r}")
+    learning = [model] if train == "all" else list(heads) if train == "heads" else [heads[k] for k in new_heads]
     if not isinstance(loader, Sized):
         raise TypeError("loader must have a length (a DataLoader or a list of (x, y) batches)")
     if len(loader) == 0:
@@ -120,15 +136,14 @@ def fit_exits(
         device = next(model.parameters()).device
     model.to(device)
 
-    head_params = {id(p) for p in heads.parameters()}
-    backbone = [p for p in model.parameters() if id(p) not in head_params]
-    saved_flags = [p.requires_grad for p in backbone]
-    if freeze_backbone:
-        for p in backbone:
-            p.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    learning_params = {id(p) for module in learning for p in module.parameters()}
+    trainable = [p for p in model.parameters() if id(p) in learning_params and p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameter")
+        raise ValueError(f"train={train!r} leaves no trainable parameter (all have requires_grad=False)")
+    frozen = [p for p in model.parameters() if id(p) not in learning_params]
+    saved_flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
     optimizer = torch.optim.AdamW(trainable, lr=lr)
 
     steps_per_epoch = len(loader)
@@ -138,14 +153,12 @@ def fit_exits(
     step = 0
     try:
         for epoch in range(epochs):
-            if freeze_backbone:
-                model.eval()
-                heads.train()
-            else:
-                model.train()
+            model.eval()
+            for module in learning:
+                module.train()
             loss_sum, seen = 0.0, 0
             for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = move_to(x, device), y.to(device, non_blocking=True)
                 logits = model.all_exits(x)
                 if len(logits) != len(heads):
                     raise ValueError(f"all_exits returned {len(logits)} exits, the model has {len(heads)} heads")
@@ -159,15 +172,15 @@ def fit_exits(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item() * y.shape[0]
-                seen += y.shape[0]
+                loss_sum += loss.item() * batch_size(x)
+                seen += batch_size(x)
                 step += 1
                 bar.update()
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_sum / seen:.4f}")
             epoch_losses.append(loss_sum / seen)
     finally:
         bar.close()
-        for p, flag in zip(backbone, saved_flags):
+        for p, flag in zip(frozen, saved_flags):
             p.requires_grad_(flag)
         model.eval()
     return epoch_losses

@@ -1,4 +1,5 @@
-"""Small multi-exit networks and a FLOP counter for any model built of ``stages`` and ``heads``.
+"""Small multi-exit networks, a torchvision-layout ResNet, and a FLOP counter for any model built of
+``stages`` and ``heads``.
 
 Convention shared by every multi-exit model in this package: ``model.stages`` and ``model.heads``
 are :class:`torch.nn.ModuleList` of equal length ``K``; exit ``k`` is ``heads[k]`` applied to the
@@ -8,12 +9,14 @@ returns the ``K`` exits' logits ``[B, C]`` in order. The last head is the final 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["MultiExitCNN", "count_flops", "check_multi_exit"]
+from eenet_fast.batch import batch_size
+
+__all__ = ["MultiExitCNN", "ResNet", "count_flops", "check_multi_exit"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -108,6 +111,76 @@ class MultiExitCNN(nn.Module):
         return logits
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (a 1x1 projection when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class ResNet(nn.Module):
+    """A single-exit ResNet with torchvision's module layout and forward (``conv1 bn1 relu maxpool
+    layer1..layer4 avgpool fc``), for examples and tests where torchvision is not installed:
+    :func:`eenet_fast.wrap` treats it exactly as it treats ``torchvision.models.resnet18()``.
+
+    ``ResNet()`` is ResNet-18's shape (widths 64..512, two basic blocks per group); pass small
+    ``widths`` for a model that trains in seconds on a CPU.
+
+    Args:
+        num_classes: outputs of ``fc``.
+        widths: channels of ``layer1..layerN`` (layer ``i > 1`` halves the resolution).
+        blocks: basic blocks per layer group.
+        in_channels: input channels (3 for RGB, 1 for grey images).
+        stem_stride: stride of ``conv1`` (7x7; 2 as in ImageNet models, 1 for small images) and of
+            ``maxpool`` (3x3).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        blocks: int = 2,
+        in_channels: int = 3,
+        stem_stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stem_stride, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stem_stride, 1)
+        previous = widths[0]
+        for i, width in enumerate(widths):
+            group = [_BasicBlock(previous if b == 0 else width, width, 2 if i and b == 0 else 1) for b in range(blocks)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*group))
+            previous = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(previous, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, in_channels, H, W]``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        i = 1
+        while hasattr(self, f"layer{i}"):
+            x = getattr(self, f"layer{i}")(x)
+            i += 1
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def _layer_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> float:
     """FLOPs of one call of a counted layer, summed over the batch (2 per multiply-add)."""
     if isinstance(module, nn.Conv2d):
@@ -119,7 +192,7 @@ def _layer_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: to
     return 2.0 * inputs[0].numel()  # batch norm at inference: one multiply and one add per element
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> list[float]:
+def count_flops(model: nn.Module, example_input: Any) -> list[float]:
     """Cumulative FLOPs per sample to reach and evaluate each exit of a multi-exit model.
 
     Exit ``k`` costs stages ``0..k`` plus head ``k``. Counted, with one multiply-add as 2 FLOPs:
@@ -128,8 +201,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> list[float]:
     * ``nn.Linear``: ``2 * in_features`` per output element, plus 1 for a bias;
     * ``nn.BatchNorm1d/2d/3d``: 2 per element (scale and shift, as at inference).
 
-    Activations, pooling, softmax and other element-wise or data-movement operations are not
-    counted. The model is run once through ``model.all_exits(example_input)`` in eval mode under
+    Activations, pooling, softmax, embeddings, layer norms, attention's matrix products (they are
+    not modules) and other element-wise or data-movement operations are not counted: for
+    transformers on long sequences, prefer measured latency. The model is run once through ``model.all_exits(example_input)`` in eval mode under
     ``torch.no_grad`` (its train/eval mode is restored afterwards), with forward hooks on every
     counted layer. Layers inside ``heads[k]`` are charged to head ``k``; every other counted layer
     (those of the stages, and any outside both lists such as a stem) is charged to the stage that
@@ -138,7 +212,8 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> list[float]:
     Args:
         model: a module with ``stages`` and ``heads`` (equal-length ``nn.ModuleList``) and
             ``all_exits(x) -> list[Tensor]``.
-        example_input: one batch ``[B, ...]`` of the model's input size; costs are divided by ``B``.
+        example_input: one batch of the model's input (a tensor ``[B, ...]`` or a tuple/dict of tensors
+            with the batch first); costs are divided by ``B``.
 
     Returns:
         ``K`` floats, strictly increasing when every stage has a counted layer: the cumulative FLOPs
@@ -177,7 +252,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> list[float]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    batch = example_input.shape[0]
+    batch = batch_size(example_input)
     cumulative, total = [], 0.0
     for k in range(num_exits):
         total += stage_flops[k]

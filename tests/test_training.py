@@ -42,7 +42,7 @@ def test_fit_exits_trains_heads_only_when_the_backbone_is_frozen():
     stage_before = [p.clone() for p in net.stages.parameters()]
     bn = net.stages[0][1].running_mean.clone()
     head_before = [p.clone() for p in net.heads.parameters()]
-    losses = fit_exits(net, loader, 2, freeze_backbone=True, progress=False, seed=0)
+    losses = fit_exits(net, loader, 2, train="heads", progress=False, seed=0)
     assert len(losses) == 2 and losses[1] < losses[0]
     assert all(torch.equal(a, b) for a, b in zip(stage_before, net.stages.parameters()))
     assert torch.equal(bn, net.stages[0][1].running_mean)

