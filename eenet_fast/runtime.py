@@ -15,6 +15,7 @@ it came in, and no sample is dropped, duplicated or reordered.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -225,42 +226,84 @@ class EarlyExitModel(nn.Module):
         return ExitOutputs(scores, torch.cat(labels) if labels else None, costs)
 
     # ---------------------------------------------------------------- costs
-    def measure_costs(self, spec: CostSpec, example: Any) -> list[float]:
-        """Cumulative costs of the exits: ``"flops"`` (counted) or ``"latency"`` (timed on the model's
-        device with ``example``, a batch like those it will serve), normalised so that the full model
-        costs 1.0; explicit numbers are returned as given."""
+    def measure_costs(self, spec: CostSpec, example: Any, reach: Sequence[float] | None = None) -> list[float]:
+        """Cumulative costs of the exits, with the full model (every stage and the last head, on the
+        whole batch) costing 1.0; explicit numbers are returned as given.
+
+        * ``"flops"``: counted (:func:`eenet_fast.zoo.count_flops`): stages ``0..k`` plus head ``k``.
+        * ``"latency"``: timed on the model's device with ``example``, a batch like those it will
+          serve. Exit ``k`` costs what adaptive inference really pays per sample to get there: for
+          every stage ``j <= k``, the stage, its head, the exit decision and the compaction after
+          it, timed at the batch size that reaches stage ``j`` (``reach[j]`` of the batch; all of it
+          when ``reach`` is ``None``) and divided by that batch size. So the last exit costs a
+          little more than 1.0 (it also pays the early heads), and a policy's average cost is the
+          fraction of the full model's time that adaptive inference takes.
+
+        Args:
+            reach: ``K`` fractions of the samples that reach each stage (non-increasing, ``reach[0]
+                = 1``), e.g. from a policy fitted on the unreached costs; only for ``"latency"``.
+        """
         if not isinstance(spec, str):
             return [float(c) for c in spec]
         if spec == "flops":
             costs = count_flops(self, example)
-        elif spec == "latency":
-            costs = self._latency(example)
-        else:
-            raise ValueError(f"costs must be 'flops', 'latency' or a list of {self.num_exits} numbers, got {spec!r}")
-        return [c / costs[-1] for c in costs]
+            return [c / costs[-1] for c in costs]
+        if spec == "latency":
+            return self._latency(example, reach)
+        raise ValueError(f"costs must be 'flops', 'latency' or a list of {self.num_exits} numbers, got {spec!r}")
 
     @torch.no_grad()
-    def _latency(self, example: Any, repeats: int = 7) -> list[float]:
-        """Cumulative median time of stages ``0..k`` plus head ``k`` on ``example``."""
+    def _latency(self, example: Any, reach: Sequence[float] | None, repeats: int = 7) -> list[float]:
+        """Per-sample cumulative median times of the exits over the full model's (see :meth:`measure_costs`).
+
+        Each repeat runs the full model once, then the exits as :meth:`forward` does: stage, head,
+        decision features and compaction of the state down to the samples that reach the next
+        stage, so that every stage is timed on a gathered batch with the caches as they really are.
+        """
         self._require_eval("measure latency")
-        sync = torch.cuda.synchronize if self._device().type == "cuda" else (lambda: None)
+        device = self._device()
+        backend = _backend(self.backend, device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-            times, out = [], None
-            for _ in range(repeats):
-                sync()
-                start = time.perf_counter()
-                out = fn()
-                sync()
-                times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2], out
+            sync()
+            start = time.perf_counter()
+            out = fn()
+            sync()
+            return time.perf_counter() - start, out
 
-        x, total, costs = move_to(example, self._device()), 0.0, []
-        for stage, head in zip(self.stages, self.heads):
-            stage_time, x = timed(lambda: stage(x))
-            head_time, _ = timed(lambda: head(x))
-            total += stage_time
-            costs.append(total + head_time)
+        x = move_to(example, device)
+        batch = batch_size(x)
+        reach = [1.0] * self.num_exits if reach is None else [min(max(float(r), 0.0), 1.0) for r in reach]
+        if len(reach) != self.num_exits:
+            raise ValueError(f"reach needs one fraction per exit ({self.num_exits}), got {len(reach)}")
+        counts = [max(1, round(r * batch)) for r in reach] + [0]
+        full_times, exit_times = [], [[] for _ in range(self.num_exits)]
+        for _ in range(repeats + 1):  # the first repeat warms up and is not kept
+            full = 0.0
+            state = x
+            for stage in self.stages:
+                stage_time, state = timed(lambda: stage(state))
+                full += stage_time
+            full_times.append(full + timed(lambda: self.heads[-1](state))[0])
+            state = map_batch(lambda t: t[: counts[0]], x, batch)
+            for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+                n = counts[k]
+                stage_time, state = timed(lambda: stage(state))
+                head_time, logits = timed(lambda: head(state))
+                keep = torch.arange(n, device=device) < min(counts[k + 1], n)
+                ids = torch.arange(n, device=device)
+                decide_time, (_, state, _) = timed(lambda: (exit_features(logits), *backend.compact(keep, state, ids)))
+                exit_times[k].append((stage_time + head_time + decide_time) / n)
+        def median(values: list[float]) -> float:
+            kept = sorted(values[1:])
+            return kept[len(kept) // 2]
+
+        per_sample_full = median(full_times) / batch
+        costs, total = [], 0.0
+        for times in exit_times:
+            total += median(times)
+            costs.append(total / per_sample_full)
         return costs
 
     # ---------------------------------------------------------- calibration
@@ -270,6 +313,8 @@ class EarlyExitModel(nn.Module):
         budget: float | str,
         policy: str | Policy = "eenet",
         costs: CostSpec = "flops",
+        *,
+        example: Any = None,
         **policy_options: Any,
     ) -> Policy:
         """Fit an exit policy for an average-cost ``budget`` and install it on this model.
@@ -277,26 +322,42 @@ class EarlyExitModel(nn.Module):
         Args:
             val: a loader of ``(x, y)`` batches, or cached :class:`ExitOutputs` of this model.
             budget: average cost per sample; with ``costs="flops"`` or ``"latency"`` the full model
-                costs 1.0 (``0.5`` = half of it); with explicit costs, in their unit.
+                costs 1.0 (``0.5`` = half of it; with ``"latency"``, half of its time); with
+                explicit costs, in their unit.
             policy: a policy name (``eenet``, ``maxprob``, ...) or an unfitted :class:`Policy`.
-            costs: ``"flops"``, ``"latency"`` or ``K`` cumulative costs. Ignored when ``val`` is
-                cached outputs that hold costs already.
+            costs: ``"flops"``, ``"latency"`` or ``K`` cumulative costs (see :meth:`measure_costs`).
+                With ``"latency"`` the policy is fitted twice: the second time on costs timed at
+                the batch sizes the first policy lets reach each stage.
+            example: a batch like those the model will serve, to measure ``"flops"`` or
+                ``"latency"`` costs when ``val`` is cached outputs (default: the loader's first batch).
+                Cached outputs that hold costs and no ``example`` keep their costs.
             policy_options: passed to the policy's constructor.
         """
         if isinstance(val, ExitOutputs):
             outputs = val
-            if outputs.costs is None:
-                if isinstance(costs, str):
-                    raise ValueError("cached outputs without costs need explicit costs=[c1, ..., cK]")
-                outputs = outputs.with_costs(costs)
+            if example is not None or outputs.costs is None:
+                if isinstance(costs, str) and example is None:
+                    raise ValueError("cached outputs without costs need explicit costs=[c1, ..., cK] or example=<a batch>")
+                outputs = outputs.with_costs(self.measure_costs(costs, move_to(example, self._device())))
         else:
             outputs = self.collect(val)
-            example = next(iter(val))
-            example = example[0] if isinstance(example, (tuple, list)) and len(example) == 2 else example
-            outputs = outputs.with_costs(self.measure_costs(costs, move_to(example, self._device())))
+            if example is None:
+                example = next(iter(val))
+                example = example[0] if isinstance(example, (tuple, list)) and len(example) == 2 else example
+            example = move_to(example, self._device())
+            outputs = outputs.with_costs(self.measure_costs(costs, example))
         if outputs.num_exits != self.num_exits:
             raise ValueError(f"the outputs have {outputs.num_exits} exits but this model has {self.num_exits}")
-        fitted = (make_policy(policy, **policy_options) if isinstance(policy, str) else policy).fit(outputs, budget)
+
+        def fit(outputs: ExitOutputs) -> Policy:
+            unfitted = make_policy(policy, **policy_options) if isinstance(policy, str) else copy.deepcopy(policy)
+            return unfitted.fit(outputs, budget)
+
+        fitted = fit(outputs)
+        if costs == "latency" and example is not None:  # re-time each stage at the batch the policy lets reach it
+            exits = fitted.assign(outputs)
+            reach = [float((exits >= k).double().mean()) for k in range(self.num_exits)]
+            fitted = fit(outputs.with_costs(self.measure_costs("latency", example, reach)))
         if not fitted.deployable:
             raise ValueError(f"policy {fitted.name!r} needs labels at inference and cannot run in a model")
         self.policy = fitted

@@ -38,7 +38,7 @@ def calibrate_and_run(
     print(f"single exits on test ({costs} costs, full model = 1.0): {singles}")
     print(format_table(compare(val_out, test_out, budgets, ("eenet", "maxprob", "entropy"), progress=False)))
 
-    model.calibrate(val_out, budget, "eenet", progress=False)
+    model.calibrate(val_out, budget, "eenet", costs=costs, example=example, progress=False)
     offline = model.policy.assign(test_out)
     with torch.no_grad():
         results = [model(x) for x, _ in test]
@@ -50,7 +50,7 @@ def calibrate_and_run(
     summary = {
         "accuracy": correct.float().mean().item(),
         "full_accuracy": exit_accuracy[-1],
-        "mean_cost": torch.tensor(cost)[exits.cpu()].mean().item(),
+        "mean_cost": model.policy.costs[exits.cpu()].mean().item(),
         "speedup": full_time / adaptive_time,
     }
     print(

@@ -167,6 +167,21 @@ def test_wrap_uses_stages_and_heads_and_costs_are_normalised():
     costs = model.measure_costs("flops", torch.randn(2, 1, 28, 28))
     assert costs[-1] == 1.0 and all(a < b for a, b in zip(costs, costs[1:]))
     latency = model.measure_costs("latency", torch.randn(8, 1, 28, 28))
-    assert latency[-1] == 1.0 and all(c > 0 for c in latency)
+    assert len(latency) == 3 and latency[0] > 0 and all(a < b for a, b in zip(latency, latency[1:]))
+    with pytest.raises(ValueError, match="one fraction per exit"):
+        model.measure_costs("latency", torch.randn(8, 1, 28, 28), reach=[1.0, 0.5])
     assert model.measure_costs([1, 2, 3], None) == [1.0, 2.0, 3.0]
     assert math.isclose(sum(torch.stack(model.all_exits(torch.zeros(1, 1, 28, 28)))[-1, 0]), float(net(torch.zeros(1, 1, 28, 28)).sum()), rel_tol=1e-5)
+
+
+def test_latency_calibration_times_the_stages_at_the_batch_sizes_they_see():
+    model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
+    with pytest.raises(ValueError, match="explicit costs=.*or example="):
+        model.calibrate(outputs, "0.97x", "maxprob", costs="latency")
+    policy = model.calibrate(outputs, "0.97x", "maxprob", costs="latency", example=x[:32])
+    costs = policy.costs.tolist()
+    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert model(x).exits.shape == (64,)
