@@ -5,8 +5,10 @@ blocks so that :func:`eenet_fast.wrap` can place exits after them.
 family     recognised by                                               a "block" (``exits_after``)
 =========  ==========================================================  =========================
 resnet     ``conv1 bn1 relu maxpool layer1.. avgpool fc`` (torchvision)  a layer group (``layer1`` = 0)
-vit        Hugging Face ``*ForImageClassification``: ``<base>.embeddings``  a transformer layer
-           with ``patch_embeddings``, ``<base>.layers`` (or
+vit        timm's ``VisionTransformer``: ``patch_embed``, ``blocks``,       a transformer block
+           ``norm``, ``head``, ``forward_head``; or Hugging Face
+           ``*ForImageClassification``: ``<base>.embeddings`` with
+           ``patch_embeddings``, ``<base>.layers`` (or
            ``<base>.encoder.layer``), ``<base>.layernorm``, ``classifier``
 bert       Hugging Face ``*ForSequenceClassification``: ``<base>.embeddings``  an encoder layer
            with ``word_embeddings``, ``<base>.encoder.layer``, optional
@@ -115,7 +117,7 @@ class Backbone:
 
 def find_backbone(model: nn.Module) -> Backbone | None:
     """The :class:`Backbone` of ``model`` if its structure is one of :data:`FAMILIES`, else ``None``."""
-    for find in (_resnet, _hf_vit, _hf_bert):
+    for find in (_resnet, _timm_vit, _hf_vit, _hf_bert):
         backbone = find(model)
         if backbone is not None:
             return backbone
@@ -152,6 +154,65 @@ def _resnet(model: nn.Module) -> Backbone | None:
         new_head=new_head,
         default_exits=list(range(len(groups))),
         block_name="layer group",
+    )
+
+
+# ------------------------------------------------------------------- timm ViT
+class _TimmEmbed(nn.Module):
+    """Patch embedding, position embedding (and class/register tokens), patch dropout, pre-norm:
+    the start of timm's ``forward_features``, run through the model's own modules and methods. The
+    model's direct parameters (``cls_token``, ``pos_embed``, ...) are registered here too, so the
+    wrapped model moves and freezes them."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        for name, param in vit.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.patch_embed = vit.patch_embed
+        for name in ("pos_drop", "patch_drop", "norm_pre"):
+            setattr(self, name, getattr(vit, name, None) or nn.Identity())
+        self.pos_embed_fn = vit._pos_embed  # a bound method of the model; uses the modules above
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self.patch_drop(self.pos_embed_fn(self.patch_embed(images))))
+
+
+class _TimmOutput(nn.Module):
+    """Final norm, then timm's ``forward_head`` (pooling, ``fc_norm``, ``head``): the model's own output path."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        for name in ("norm", "attn_pool", "fc_norm", "head_drop", "head"):
+            module = getattr(vit, name, None)
+            if isinstance(module, nn.Module):
+                setattr(self, name, module)
+        self.forward_head = vit.forward_head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.norm(tokens))
+
+
+def _timm_vit(model: nn.Module) -> Backbone | None:
+    blocks = getattr(model, "blocks", None)
+    parts = ("patch_embed", "norm", "head")
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks) or not all(
+        isinstance(getattr(model, n, None), nn.Module) for n in parts
+    ):
+        return None
+    if not (callable(getattr(model, "forward_head", None)) and callable(getattr(model, "_pos_embed", None))):
+        return None
+    num_classes, hidden = getattr(model, "num_classes", 0), getattr(model, "embed_dim", None)
+    if not num_classes or hidden is None:
+        raise ValueError(f"{type(model).__name__} has no classifier head (num_classes=0); create it with num_classes=C")
+    pool = "cls" if getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None else "mean"
+    return Backbone(
+        family="vit",
+        stem=_TimmEmbed(model),
+        blocks=list(blocks),
+        output_head=_TimmOutput(model),
+        new_head=lambda i: TokenHead(hidden, num_classes, pool=pool),
+        default_exits=every_few(len(blocks)),
+        block_name="transformer block",
     )
 
 

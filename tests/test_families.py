@@ -119,6 +119,53 @@ def test_token_head_mean_pools_only_the_real_tokens():
     torch.testing.assert_close(a, b)
 
 
+# --------------------------------------------------------------- timm-layout ViT
+class TimmLayoutViT(nn.Module):
+    """timm's VisionTransformer API in miniature (patch_embed, _pos_embed, blocks, norm,
+    forward_head); real timm models were checked the same way by hand (timm needs torchvision,
+    which does not import beside the CPU torch wheel used here)."""
+
+    def __init__(self, num_classes=6, dim=16, depth=5, global_pool="token"):
+        super().__init__()
+        self.num_classes, self.embed_dim, self.global_pool = num_classes, dim, global_pool
+        self.patch_embed = nn.Sequential(nn.Conv2d(1, dim, 4, 4), nn.Flatten(2))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim))
+        self.pos_drop, self.patch_drop, self.norm_pre = nn.Dropout(0.1), nn.Identity(), nn.Identity()
+        self.blocks = nn.Sequential(*(
+            nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True, norm_first=True) for _ in range(depth)
+        ))
+        self.norm, self.fc_norm, self.head_drop = nn.LayerNorm(dim), nn.Identity(), nn.Dropout(0.1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _pos_embed(self, x):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.transpose(1, 2)], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_head(self, x):
+        x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(1)
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+    def forward(self, x):
+        x = self.norm(self.blocks(self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))))
+        return self.forward_head(x)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_timm_layout_vit_exits_every_few_blocks_and_registers_its_tokens(global_pool):
+    torch.manual_seed(0)
+    net = TimmLayoutViT(global_pool=global_pool).eval()
+    x = torch.randn(20, 1, 16, 16)
+    model = wrap(net, example_input=x)
+    assert model.num_exits == 3  # every_few(5): after blocks 1, 3 and 5
+    assert model.heads[0].pool == ("cls" if global_pool == "token" else "mean")
+    params = {id(p) for p in model.parameters()}
+    assert id(net.cls_token) in params and id(net.pos_embed) in params  # moved and frozen with the model
+    assert torch.equal(model.all_exits(x)[-1], net(x))
+    calibrate_randomly(model, x, "eenet")
+    assert_forward_is_simulation(model, x)
+
+
 # ------------------------------------------------------------- Hugging Face ViT and BERT
 def tiny_vit(layers=6):
     from transformers import ViTConfig, ViTForImageClassification
