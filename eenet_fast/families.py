@@ -6,7 +6,9 @@ family     recognised by                                               a "block"
 =========  ==========================================================  =========================
 resnet     ``conv1 bn1 relu maxpool layer1.. avgpool fc`` (torchvision)  a layer group (``layer1`` = 0)
 vit        timm's ``VisionTransformer``: ``patch_embed``, ``blocks``,       a transformer block
-           ``norm``, ``head``, ``forward_head``; or Hugging Face
+           ``norm``, ``head``, ``forward_head``; torchvision's:
+           ``conv_proj``, ``class_token``, ``encoder.layers``,
+           ``encoder.ln``, ``heads``; or Hugging Face
            ``*ForImageClassification``: ``<base>.embeddings`` with
            ``patch_embeddings``, ``<base>.layers`` (or
            ``<base>.encoder.layer``), ``<base>.layernorm``, ``classifier``
@@ -117,7 +119,7 @@ class Backbone:
 
 def find_backbone(model: nn.Module) -> Backbone | None:
     """The :class:`Backbone` of ``model`` if its structure is one of :data:`FAMILIES`, else ``None``."""
-    for find in (_resnet, _timm_vit, _hf_vit, _hf_bert):
+    for find in (_resnet, _timm_vit, _torchvision_vit, _hf_vit, _hf_bert):
         backbone = find(model)
         if backbone is not None:
             return backbone
@@ -213,6 +215,61 @@ def _timm_vit(model: nn.Module) -> Backbone | None:
         new_head=lambda i: TokenHead(hidden, num_classes, pool=pool),
         default_exits=every_few(len(blocks)),
         block_name="transformer block",
+    )
+
+
+# ------------------------------------------------------------ torchvision ViT
+class _TorchvisionEmbed(nn.Module):
+    """Patch projection, class token, position embedding and dropout, as torchvision's
+    ``VisionTransformer.forward`` and ``Encoder.forward`` apply them before the first layer."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.conv_proj, self.dropout = vit.conv_proj, vit.encoder.dropout
+        self.class_token, self.pos_embedding = vit.class_token, vit.encoder.pos_embedding
+        self.process_input = vit._process_input  # a bound method of the model; uses conv_proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.process_input(images)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class _TorchvisionOutput(nn.Module):
+    """Final layer norm, class token, ``heads``: torchvision's own output path."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.ln, self.heads = vit.encoder.ln, vit.heads
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.ln(tokens)[:, 0])
+
+
+def _torchvision_vit(model: nn.Module) -> Backbone | None:
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    needed = (
+        isinstance(getattr(model, "conv_proj", None), nn.Module)
+        and isinstance(getattr(model, "heads", None), nn.Module)
+        and isinstance(getattr(model, "class_token", None), torch.Tensor)
+        and isinstance(getattr(encoder, "pos_embedding", None), torch.Tensor)
+        and isinstance(getattr(encoder, "ln", None), nn.Module)
+        and isinstance(layers, nn.Sequential)
+        and len(layers) > 0
+        and callable(getattr(model, "_process_input", None))
+    )
+    if not needed:
+        return None
+    hidden, num_classes = model.hidden_dim, model.num_classes
+    return Backbone(
+        family="vit",
+        stem=_TorchvisionEmbed(model),
+        blocks=list(layers),
+        output_head=_TorchvisionOutput(model),
+        new_head=lambda i: TokenHead(hidden, num_classes, pool="cls"),
+        default_exits=every_few(len(layers)),
+        block_name="encoder layer",
     )
 
 

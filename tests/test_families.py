@@ -166,6 +166,46 @@ def test_timm_layout_vit_exits_every_few_blocks_and_registers_its_tokens(global_
     assert_forward_is_simulation(model, x)
 
 
+class TorchvisionLayoutViT(nn.Module):
+    """torchvision's VisionTransformer layout in miniature (conv_proj, class_token, encoder with
+    pos_embedding, dropout, layers and ln, heads); checked by hand against torchvision 0.29.1's source."""
+
+    def __init__(self, num_classes=6, dim=16, depth=4):
+        super().__init__()
+        self.hidden_dim, self.num_classes, self.patch_size = dim, num_classes, 4
+        self.conv_proj = nn.Conv2d(1, dim, 4, 4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.encoder = nn.Module()
+        self.encoder.pos_embedding = nn.Parameter(torch.randn(1, 17, dim))
+        self.encoder.dropout = nn.Dropout(0.1)
+        self.encoder.layers = nn.Sequential(*(
+            nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True, norm_first=True) for _ in range(depth)
+        ))
+        self.encoder.ln = nn.LayerNorm(dim)
+        self.heads = nn.Sequential(nn.Linear(dim, num_classes))
+
+    def _process_input(self, x):
+        return self.conv_proj(x).flatten(2).permute(0, 2, 1)
+
+    def forward(self, x):
+        x = self._process_input(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x + self.encoder.pos_embedding)))
+        return self.heads(x[:, 0])
+
+
+def test_torchvision_layout_vit_exits_after_every_layer_of_four():
+    torch.manual_seed(0)
+    net = TorchvisionLayoutViT().eval()
+    x = torch.randn(20, 1, 16, 16)
+    model = wrap(net, example_input=x)
+    assert model.num_exits == 4
+    assert {id(net.class_token), id(net.encoder.pos_embedding)} <= {id(p) for p in model.parameters()}
+    assert torch.equal(model.all_exits(x)[-1], net(x))
+    calibrate_randomly(model, x, "maxprob")
+    assert_forward_is_simulation(model, x)
+
+
 # ------------------------------------------------------------- Hugging Face ViT and BERT
 def tiny_vit(layers=6):
     from transformers import ViTConfig, ViTForImageClassification
