@@ -112,10 +112,10 @@ class TritonBackend:
         """Exit decision at exit ``k`` for logits ``[B, C]``: see :meth:`TorchBackend.decide`."""
         from eenet_fast.kernels.exit_decision import LOGIT_DTYPES, exit_decision
 
-        head = policy.score_head(k)
+        head = policy.score_head_on(k, logits.device)
         if head is None or logits.dtype not in LOGIT_DTYPES:
             return TorchBackend.decide(policy, k, logits, history, last)
-        decision = exit_decision(logits, head.to(logits.device), history.scores, float(policy.thresholds[k]), last)
+        decision = exit_decision(logits, head, history.scores, float(policy.thresholds[k]), last)
         return decision.score, decision.prediction, decision.leave, decision.nonfinite
 
     @staticmethod

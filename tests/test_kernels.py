@@ -282,6 +282,18 @@ def test_policies_without_a_score_head():
         make_policy("eenet").score_head(0)
 
 
+def test_score_heads_on_a_device_are_built_once_and_again_after_a_refit():
+    val = make_synthetic_outputs(300, num_exits=3, seed=6)
+    policy = make_policy("eenet", epochs=2, progress=False).fit(val, 0.6)
+    cpu = torch.device("cpu")
+    head = policy.score_head_on(1, cpu)
+    assert policy.score_head_on(1, cpu) is head
+    assert torch.equal(head.class_weight, policy.score_head(1).class_weight)
+    policy.fit(val, 0.8)
+    assert policy.score_head_on(1, cpu) is not head
+    assert torch.equal(policy.score_head_on(1, cpu).class_weight, policy.score_head(1).class_weight)
+
+
 # ------------------------------------------------------------------------------ compaction
 
 

@@ -256,6 +256,16 @@ class Policy(ABC):
         """
         return None
 
+    def score_head_on(self, k: int, device: torch.device) -> ScoreHeadParams | None:
+        """:meth:`score_head` on ``device``, built once per fitted policy, exit and device (the
+        Triton backend asks for it at every exit of every batch)."""
+        cache = self.__dict__.setdefault("_score_heads_on", {})
+        key = (k, str(device))
+        if key not in cache:
+            head = self.score_head(k)
+            cache[key] = None if head is None else head.to(device)
+        return cache[key]
+
     def exit_scores(self, outputs: ExitOutputs) -> torch.Tensor:
         """``[K, N]`` scores of every sample at every exit, computed exit by exit as at inference."""
         history = ExitHistory.empty(outputs.num_samples)
@@ -275,6 +285,7 @@ class Policy(ABC):
             raise ValueError("cannot fit a policy on an empty validation set")
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
+        self.__dict__.pop("_score_heads_on", None)  # the score heads change with the fit
         with _one_thread():
             self.thresholds = self._fit(val, self.budget)
         exits = self.assign(val)
