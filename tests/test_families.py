@@ -288,6 +288,20 @@ def test_text_forward_compacts_ids_and_masks_at_any_batch_size(name, seed, batch
 
 
 @pytest.mark.transformers
+def test_text_model_trains_its_new_heads_on_tokenizer_batches_and_calibrates_on_latency():
+    net = tiny_text_classifier()
+    model = wrap(net, exits_after=[1, 3])
+    frozen = {name: p.detach().clone() for name, p in net.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    loader = [(padded_tokens(16, seed=i), torch.randint(3, (16,), generator=g)) for i in range(3)]
+    fit_exits(model, loader, 2, progress=False, seed=0)
+    assert all(torch.equal(p, frozen[name]) for name, p in net.named_parameters()), "the encoder or classifier moved"
+    policy = model.calibrate(loader, "0.97x", "maxprob", costs="latency")
+    assert policy.costs.shape == (2,) and policy.costs[0] < policy.costs[1]
+    assert_forward_is_simulation(model, padded_tokens(21, seed=9))
+
+
+@pytest.mark.transformers
 def test_text_input_that_is_not_a_tokenizer_batch_is_refused():
     model = wrap(tiny_text_classifier())
     with pytest.raises(TypeError, match="takes the tokenizer's output: a dict with input_ids"):
