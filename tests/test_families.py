@@ -336,3 +336,46 @@ def test_real_minilm_wraps_with_exits_at_layers_2_4_6():
     for i in (0, 3):
         alone = model({key: value[i : i + 1] for key, value in tokens.items()})
         assert alone.exits.item() == result.exits[i].item()
+
+
+# ------------------------------------------------- the real libraries, where they import
+def assert_wraps_exactly(net, x, num_exits):
+    model = wrap(net.eval(), example_input=x)
+    assert model.num_exits == num_exits
+    assert torch.equal(model.all_exits(x)[-1], net(x))
+    new = sum(p.numel() for k in model.new_heads for p in model.heads[k].parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in net.parameters()) + new
+    calibrate_randomly(model, x, "maxprob")
+    assert_forward_is_simulation(model, x)
+
+
+@pytest.mark.torchvision
+def test_real_torchvision_resnets_and_vit():
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 64, 64)
+    assert_wraps_exactly(torchvision.models.resnet18(num_classes=7), x, 4)
+    assert_wraps_exactly(torchvision.models.resnet50(num_classes=7), x, 4)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=6, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
+    assert_wraps_exactly(vit, torch.randn(6, 3, 32, 32), 3)
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("vit_tiny_patch16_224", {}),
+        ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
+        ("vit_small_patch16_224", {"reg_tokens": 4}),
+        ("deit_tiny_patch16_224", {}),
+    ],
+)
+def test_real_timm_vits(name, options):
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=5, img_size=32, patch_size=8, **options)
+    assert_wraps_exactly(net, torch.randn(6, 3, 32, 32), 4)
