@@ -83,6 +83,8 @@ def require_free_memory(nbytes: int) -> None:
 @pytest.mark.parametrize("num_classes", [10, 100, 1000, 32000])
 @pytest.mark.parametrize("batch", [1024, 16384, 131072])
 def test_decision(benchmark, impl, batch, num_classes):
+    if impl == "compile" and (batch != 16384 or num_classes > 1000):
+        pytest.skip("torch.compile is timed where the bar is set (B = 16384, C <= 1000): each shape compiles for tens of seconds")
     dtype = torch.bfloat16 if num_classes >= 32000 else torch.float32
     logit_bytes = batch * num_classes * dtype.itemsize
     # eager keeps float32 copies of the logits, log-probabilities, probabilities and p log p
