@@ -1,6 +1,5 @@
 """Adaptive inference against the offline simulation of the same policy."""
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
