@@ -32,7 +32,7 @@ from eenet_fast.decision import exit_flags
 from eenet_fast.families import FAMILIES, find_backbone
 from eenet_fast.features import exit_features
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.persist import exits_fingerprint, load_policy, save_policy
+from eenet_fast.persist import exits_fingerprint, heads_digest, load_policy, save_policy
 from eenet_fast.policies import ExitHistory, Policy, make_policy
 from eenet_fast.zoo import count_flops
 
@@ -404,18 +404,36 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------- saving the policy
     def save_policy(self, path: str | Path) -> None:
-        """Write the calibrated policy (safetensors + JSON metadata, with this model's exit fingerprint)."""
+        """Write the calibrated policy to one safetensors file (no pickle), with the weights of the
+        heads :func:`wrap` added (``new_heads``), a fingerprint of the exits and a digest of every
+        head's weights (see :mod:`eenet_fast.persist`)."""
         if self.policy is None:
             raise RuntimeError("no policy to save: call calibrate(val, budget) first")
-        save_policy(self.policy, path, exits_fingerprint(self.heads))
+        added = {f"{k}.{name}": t for k in self.new_heads for name, t in self.heads[k].state_dict().items()}
+        save_policy(self.policy, path, exits_fingerprint(self.heads), heads_digest(self.heads), added)
 
     def load_policy(self, path: str | Path) -> Policy:
-        """Install a policy saved by :meth:`save_policy`; fails if it was calibrated for other exits."""
-        policy = load_policy(path, exits_fingerprint(self.heads))
-        if policy.thresholds.numel() != self.num_exits:
-            raise ValueError(f"{path} holds a policy for {policy.thresholds.numel()} exits, this model has {self.num_exits}")
-        self.policy = policy
-        return policy
+        """Install a policy saved by :meth:`save_policy`, first restoring the added heads' weights it
+        holds; fails if it was calibrated for other exits, or for heads with other weights."""
+        saved = load_policy(path, exits_fingerprint(self.heads))
+        if saved.policy.thresholds.numel() != self.num_exits:
+            raise ValueError(f"{path} holds a policy for {saved.policy.thresholds.numel()} exits, this model has {self.num_exits}")
+        by_head: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in saved.head_weights.items():
+            k, name = key.split(".", 1)
+            by_head.setdefault(int(k), {})[name] = value
+        for k, state in by_head.items():
+            if k not in self.new_heads:
+                raise ValueError(f"{path} holds weights for exit head {k}, which is not a head wrap added to this model")
+            self.heads[k].load_state_dict(state)
+        if heads_digest(self.heads) != saved.heads_digest:
+            raise ValueError(
+                f"{path} was calibrated on exit heads with other weights than this model's (the model was "
+                "trained again, converted to another dtype, or its heads were not saved with the policy); "
+                "calibrate this model instead"
+            )
+        self.policy = saved.policy
+        return saved.policy
 
     # ---------------------------------------------------------------- utils
     def _device(self) -> torch.device:

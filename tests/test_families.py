@@ -60,6 +60,19 @@ def test_resnet_adaptive_forward_agrees_with_the_simulation():
     assert alone.exits.item() == result.exits[7].item()
 
 
+def test_a_saved_policy_restores_the_added_heads_into_a_fresh_wrap(tmp_path):
+    net = small_resnet()
+    model = wrap(net)
+    x = torch.randn(40, 1, 28, 28)
+    calibrate_randomly(model, x, "eenet")
+    before = model(x)
+    model.save_policy(tmp_path / "exits.safetensors")
+    fresh = wrap(net)  # new heads, randomly initialised: only the file can make them the calibrated ones
+    fresh.load_policy(tmp_path / "exits.safetensors")
+    after = fresh(x)
+    assert torch.equal(before.exits, after.exits) and torch.equal(before.logits, after.logits)
+
+
 def test_exits_after_moves_the_exits_and_is_checked():
     net = small_resnet()
     model = wrap(net, exits_after=[1, 3])

@@ -135,6 +135,10 @@ def test_policy_save_load_round_trip_and_mismatch(tmp_path):
     other = EarlyExitModel([nn.Identity()] * K, [nn.Linear(D, C + 1) for _ in range(K)]).eval()
     with pytest.raises(ValueError, match="other exits or classes"):
         other.load_policy(tmp_path / "policy.safetensors")
+    with torch.no_grad():
+        model.heads[1].bias.add_(0.1)  # same structure, other weights: the policy would be silently off
+    with pytest.raises(ValueError, match="exit heads with other weights"):
+        model.load_policy(tmp_path / "policy.safetensors")
 
 
 def test_oracle_cannot_be_installed():
