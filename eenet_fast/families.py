@@ -25,14 +25,14 @@ so that the masks are compacted with the samples.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "find_backbone", "conv_head", "TokenHead", "FAMILIES"]
+__all__ = ["Backbone", "find_backbone", "split_after", "conv_head", "TokenHead", "FAMILIES"]
 
 FAMILIES = ("resnet", "vit", "bert")
 
@@ -100,17 +100,31 @@ class Backbone:
 
     def stages(self, exits_after: list[int]) -> list[nn.Module]:
         """Stage ``k`` runs blocks ``exits_after[k-1]+1 .. exits_after[k]`` (the stem first in stage 0)."""
-        last = len(self.blocks) - 1
-        if not exits_after or exits_after != sorted(set(exits_after)) or exits_after[0] < 0 or exits_after[-1] != last:
-            raise ValueError(
-                f"exits_after must be increasing {self.block_name} indices (0-based) ending at the last one "
-                f"({last}, where the model's own classifier is the last exit), got {exits_after}"
-            )
-        bounds = [-1, *exits_after]
-        return [
-            nn.Sequential(*([self.stem] if lo < 0 else []), *self.blocks[lo + 1 : hi + 1])
-            for lo, hi in zip(bounds, bounds[1:])
-        ]
+        return split_after(self.blocks, exits_after, self.block_name, self.stem, ", where the model's own classifier is the last exit")
+
+
+def split_after(
+    blocks: Sequence[nn.Module],
+    exits_after: Sequence[int],
+    block_name: str,
+    stem: nn.Module | None = None,
+    last_note: str = "",
+) -> list[nn.Module]:
+    """Cut ``blocks`` into stages: stage ``k`` is an ``nn.Sequential`` of blocks
+    ``exits_after[k-1]+1 .. exits_after[k]``, with ``stem`` first in stage 0.
+
+    Raises:
+        ValueError: ``exits_after`` is not increasing block indices ending at the last block.
+    """
+    cuts, last = list(exits_after), len(blocks) - 1
+    if not cuts or cuts != sorted(set(cuts)) or cuts[0] < 0 or cuts[-1] != last:
+        raise ValueError(
+            f"exits_after must be increasing {block_name} indices (0-based) ending at the last {block_name} "
+            f"({last}{last_note}), got {cuts}"
+        )
+    bounds = [-1, *cuts]
+    first = [stem] if stem is not None else []
+    return [nn.Sequential(*(first if lo < 0 else []), *blocks[lo + 1 : hi + 1]) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def find_backbone(model: nn.Module) -> Backbone | None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from eenet_fast.batch import batch_size, map_batch, move_to
 from eenet_fast.compaction import compact_reference, write_exited_reference
 from eenet_fast.decision import exit_flags
-from eenet_fast.families import FAMILIES, find_backbone
+from eenet_fast.families import FAMILIES, find_backbone, split_after
 from eenet_fast.features import exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.persist import exits_fingerprint, heads_digest, load_policy, save_policy
@@ -525,13 +525,7 @@ def wrap(
         )
     if exits_after is None or heads is None:
         raise ValueError("an nn.Sequential needs exits_after=[i, ...] (module indices) and heads (modules or a factory)")
-    cuts = list(exits_after)
-    if cuts != sorted(set(cuts)) or not cuts or cuts[0] < 0 or cuts[-1] != len(model) - 1:
-        raise ValueError(
-            f"exits_after must be increasing module indices ending at the last module ({len(model) - 1}), got {cuts}"
-        )
-    bounds = [-1, *cuts]
-    stages = [nn.Sequential(*(model[i] for i in range(lo + 1, hi + 1))) for lo, hi in zip(bounds, bounds[1:])]
+    stages = split_after(list(model), exits_after, "module")
     built = _build_heads(heads, stages, example_input)
     if len(built) != len(stages):
         raise ValueError(f"exits_after gives {len(stages)} exits but {len(built)} heads were given")

@@ -77,7 +77,7 @@ def test_exits_after_moves_the_exits_and_is_checked():
     net = small_resnet()
     model = wrap(net, exits_after=[1, 3])
     assert model.num_exits == 2 and model.new_heads == (0,)
-    with pytest.raises(ValueError, match="layer group indices.*ending at the last one \\(3,"):
+    with pytest.raises(ValueError, match="layer group indices.*ending at the last layer group \\(3,"):
         wrap(net, exits_after=[0, 2])
     with pytest.raises(ValueError, match="needs 3 early-exit heads"):
         wrap(net, heads=[nn.Identity()])
