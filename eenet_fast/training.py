@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eenet_fast.batch import batch_size, move_to
+from eenet_fast.batch import move_to
 from eenet_fast.zoo import check_multi_exit
 
 __all__ = ["fit_exits", "exit_loss"]
@@ -172,8 +172,8 @@ def fit_exits(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item() * batch_size(x)
-                seen += batch_size(x)
+                loss_sum += loss.item() * y.shape[0]
+                seen += y.shape[0]
                 step += 1
                 bar.update()
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_sum / seen:.4f}")

@@ -240,6 +240,7 @@ class Policy(ABC):
         self.costs: torch.Tensor | None = None
         self.budget: float | None = None
         self.num_classes: int | None = None
+        self._score_heads_on: dict[tuple[int, str], ScoreHeadParams | None] = {}
 
     # -------------------------------------------------------------- scoring
     @abstractmethod
@@ -259,12 +260,11 @@ class Policy(ABC):
     def score_head_on(self, k: int, device: torch.device) -> ScoreHeadParams | None:
         """:meth:`score_head` on ``device``, built once per fitted policy, exit and device (the
         Triton backend asks for it at every exit of every batch)."""
-        cache = self.__dict__.setdefault("_score_heads_on", {})
         key = (k, str(device))
-        if key not in cache:
+        if key not in self._score_heads_on:
             head = self.score_head(k)
-            cache[key] = None if head is None else head.to(device)
-        return cache[key]
+            self._score_heads_on[key] = None if head is None else head.to(device)
+        return self._score_heads_on[key]
 
     def exit_scores(self, outputs: ExitOutputs) -> torch.Tensor:
         """``[K, N]`` scores of every sample at every exit, computed exit by exit as at inference."""
@@ -285,7 +285,7 @@ class Policy(ABC):
             raise ValueError("cannot fit a policy on an empty validation set")
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
-        self.__dict__.pop("_score_heads_on", None)  # the score heads change with the fit
+        self._score_heads_on = {}  # the score heads change with the fit
         with _one_thread():
             self.thresholds = self._fit(val, self.budget)
         exits = self.assign(val)
