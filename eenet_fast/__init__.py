@@ -7,12 +7,14 @@ outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The r
 """
 
 from eenet_fast.evaluate import Evaluation, compare, evaluate
-from eenet_fast.families import TokenHead, conv_head
+from eenet_fast.calibration import calibrate, collect
+from eenet_fast.heads import TokenHead, conv_head, pooled_linear_head
 from eenet_fast.features import ExitFeatures, agreement, exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
-from eenet_fast.runtime import EarlyExitModel, ExitResult, pooled_linear_head, wrap
+from eenet_fast.runtime import EarlyExitModel, ExitResult
 from eenet_fast.training import fit_exits
+from eenet_fast.wrapping import wrap
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ __all__ = [
     "EarlyExitModel",
     "ExitResult",
     "fit_exits",
+    "calibrate",
+    "collect",
     "conv_head",
     "TokenHead",
 ]

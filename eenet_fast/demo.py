@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from eenet_fast.datasets import load_fashion_mnist
 from eenet_fast.evaluate import compare, evaluate
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.runtime import EarlyExitModel, wrap
+from eenet_fast.costs import best_time
+from eenet_fast.runtime import EarlyExitModel
+from eenet_fast.wrapping import wrap
 from eenet_fast.training import fit_exits
 from eenet_fast.zoo import MultiExitCNN
 
@@ -96,15 +98,6 @@ def _outputs(model: EarlyExitModel, name: str, x: torch.Tensor, y: torch.Tensor,
     return outputs
 
 
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @dataclass
 class DemoParts:
     """The trained demo model and its cached exit outputs (FLOP costs, full model = 1.0)."""
@@ -162,8 +155,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     adaptive()  # warm up both, then time the best of a few passes
     full()
-    t_full = _best_time(full, cfg.repeats)
-    t_adaptive = _best_time(adaptive, cfg.repeats)
+    t_full = best_time(full, cfg.repeats)
+    t_adaptive = best_time(adaptive, cfg.repeats)
     exits = torch.cat([r.exits for r in results])
     predictions = torch.cat([r.predictions for r in results])
     measured_accuracy = float((predictions == y_test).double().mean())

@@ -27,53 +27,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "find_backbone", "split_after", "conv_head", "TokenHead", "FAMILIES"]
+from eenet_fast.heads import TokenHead, conv_head
+
+__all__ = ["Backbone", "find_backbone", "split_after", "FAMILIES"]
 
 FAMILIES = ("resnet", "vit", "bert")
-
-
-def conv_head(channels: int, num_classes: int, grid: int = 4) -> nn.Module:
-    """Exit head for a CNN feature map ``[B, channels, H, W]``: average pooling to a ``grid x grid``
-    layout and a linear layer, giving logits ``[B, num_classes]``. Keeping a coarse layout makes
-    early exits far more accurate than a global pool (``grid=1``) for little cost: on the demo's CNN,
-    83 % instead of 55 % at the first exit."""
-    return nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten(1), nn.Linear(channels * grid * grid, num_classes))
-
-
-class TokenHead(nn.Module):
-    """Exit head for transformer states: pool the tokens, LayerNorm, linear.
-
-    Reads ``hidden`` ``[B, T, H]`` (the tensor itself, or ``state["hidden"]``) and gives logits
-    ``[B, num_classes]``. ``pool="cls"`` takes token 0; ``pool="mean"`` averages the tokens, only
-    those where ``state["attention_mask"]`` (``[B, T]``, nonzero = real token) is set when the state
-    has one.
-    """
-
-    def __init__(self, hidden_size: int, num_classes: int, pool: Literal["cls", "mean"] = "cls") -> None:
-        super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        self.pool = pool
-        self.norm = nn.LayerNorm(hidden_size)
-        self.fc = nn.Linear(hidden_size, num_classes)
-
-    def forward(self, state: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
-        hidden = state["hidden"] if isinstance(state, Mapping) else state
-        if self.pool == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = state.get("attention_mask") if isinstance(state, Mapping) else None
-            if mask is None:
-                pooled = hidden.mean(1)
-            else:
-                weight = (mask != 0).to(hidden.dtype).unsqueeze(-1)
-                pooled = (hidden * weight).sum(1) / weight.sum(1).clamp_min(1)
-        return self.fc(self.norm(pooled))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eenet_fast.batch import move_to
-from eenet_fast.zoo import check_multi_exit
+from eenet_fast.multi_exit import check_multi_exit
 
 __all__ = ["fit_exits", "exit_loss"]
 

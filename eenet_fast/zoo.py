@@ -1,22 +1,17 @@
-"""Small multi-exit networks, a torchvision-layout ResNet, and a FLOP counter for any model built of
-``stages`` and ``heads``.
-
-Convention shared by every multi-exit model in this package: ``model.stages`` and ``model.heads``
-are :class:`torch.nn.ModuleList` of equal length ``K``; exit ``k`` is ``heads[k]`` applied to the
-output of ``stages[k]``, stage ``k`` reads stage ``k-1``'s output, and ``model.all_exits(x)``
-returns the ``K`` exits' logits ``[B, C]`` in order. The last head is the final classifier.
-"""
+"""The demo's model zoo: a small multi-exit CNN and a torchvision-layout ResNet (both follow the
+multi-exit convention of :mod:`eenet_fast.multi_exit` or are recognised by :func:`eenet_fast.wrap`)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from eenet_fast.batch import batch_size
+from eenet_fast.heads import conv_head
+from eenet_fast.multi_exit import all_exits
 
-__all__ = ["MultiExitCNN", "ResNet", "count_flops", "check_multi_exit"]
+__all__ = ["MultiExitCNN", "ResNet"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -39,7 +34,7 @@ class MultiExitCNN(nn.Module):
 
     The default widths grow faster than the resolution shrinks, so that later stages are dearer
     and early exits save real time: on 28x28 inputs the cumulative costs of the three exits are
-    about 12 %, 40 % and 100 % of the full model's 18 MFLOPs per image (see :func:`count_flops`),
+    about 12 %, 40 % and 100 % of the full model's 18 MFLOPs per image (see :func:`eenet_fast.costs.count_flops`),
     and on a 2-core CPU about 30 %, 55 % and 100 % of its wall time. Parameters and activations
     are kept channels-last (``forward`` and ``all_exits`` convert their input), which is about
     1.5-2x faster on CPU for these narrow convolutions.
@@ -67,11 +62,7 @@ class MultiExitCNN(nn.Module):
             if k < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             self.stages.append(nn.Sequential(*layers))
-            self.heads.append(
-                nn.Sequential(
-                    nn.AdaptiveAvgPool2d(head_grid), nn.Flatten(), nn.Linear(width * head_grid**2, num_classes)
-                )
-            )
+            self.heads.append(conv_head(width, num_classes, head_grid))
             previous = width
         self.to(memory_format=torch.channels_last)
 
@@ -103,12 +94,7 @@ class MultiExitCNN(nn.Module):
         Returns:
             ``K`` tensors ``[B, num_classes]``: the logits of exits ``0..K-1``.
         """
-        x = x.contiguous(memory_format=torch.channels_last)
-        logits = []
-        for stage, head in zip(self.stages, self.heads):
-            x = stage(x)
-            logits.append(head(x))
-        return logits
+        return all_exits(self.stages, self.heads, x.contiguous(memory_format=torch.channels_last))
 
 
 class _BasicBlock(nn.Module):
@@ -179,103 +165,3 @@ class ResNet(nn.Module):
             x = getattr(self, f"layer{i}")(x)
             i += 1
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _layer_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> float:
-    """FLOPs of one call of a counted layer, summed over the batch (2 per multiply-add)."""
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        macs = output.numel() * (module.in_channels // module.groups) * kh * kw
-        return 2.0 * macs + (output.numel() if module.bias is not None else 0)
-    if isinstance(module, nn.Linear):
-        return 2.0 * output.numel() * module.in_features + (output.numel() if module.bias is not None else 0)
-    return 2.0 * inputs[0].numel()  # batch norm at inference: one multiply and one add per element
-
-
-def count_flops(model: nn.Module, example_input: Any) -> list[float]:
-    """Cumulative FLOPs per sample to reach and evaluate each exit of a multi-exit model.
-
-    Exit ``k`` costs stages ``0..k`` plus head ``k``. Counted, with one multiply-add as 2 FLOPs:
-
-    * ``nn.Conv2d``: ``2 * (C_in / groups) * kh * kw`` per output element, plus 1 for a bias;
-    * ``nn.Linear``: ``2 * in_features`` per output element, plus 1 for a bias;
-    * ``nn.BatchNorm1d/2d/3d``: 2 per element (scale and shift, as at inference).
-
-    Activations, pooling, softmax, embeddings, layer norms, attention's matrix products (they are
-    not modules) and other element-wise or data-movement operations are not counted: for
-    transformers on long sequences, prefer measured latency. The model is run once through ``model.all_exits(example_input)`` in eval mode under
-    ``torch.no_grad`` (its train/eval mode is restored afterwards), with forward hooks on every
-    counted layer. Layers inside ``heads[k]`` are charged to head ``k``; every other counted layer
-    (those of the stages, and any outside both lists such as a stem) is charged to the stage that
-    last started running, or stage 0 before any has.
-
-    Args:
-        model: a module with ``stages`` and ``heads`` (equal-length ``nn.ModuleList``) and
-            ``all_exits(x) -> list[Tensor]``.
-        example_input: one batch of the model's input (a tensor ``[B, ...]`` or a tuple/dict of tensors
-            with the batch first); costs are divided by ``B``.
-
-    Returns:
-        ``K`` floats, strictly increasing when every stage has a counted layer: the cumulative FLOPs
-        per sample of exits ``0..K-1``.
-    """
-    stages, heads = check_multi_exit(model)
-    num_exits = len(heads)
-    stage_flops = [0.0] * num_exits
-    head_flops = [0.0] * num_exits
-    current_stage = 0
-    head_of = {id(m): k for k, head in enumerate(heads) for m in head.modules()}
-
-    def enter_stage(k: int):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            nonlocal current_stage
-            current_stage = k
-
-        return hook
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        flops = _layer_flops(module, inputs, output)
-        if id(module) in head_of:
-            head_flops[head_of[id(module)]] += flops
-        else:
-            stage_flops[current_stage] += flops
-
-    counted = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    handles = [stage.register_forward_pre_hook(enter_stage(k)) for k, stage in enumerate(stages)]
-    handles += [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.all_exits(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    batch = batch_size(example_input)
-    cumulative, total = [], 0.0
-    for k in range(num_exits):
-        total += stage_flops[k]
-        cumulative.append((total + head_flops[k]) / batch)
-    return cumulative
-
-
-def check_multi_exit(model: nn.Module) -> tuple[nn.ModuleList, nn.ModuleList]:
-    """Check that ``model`` follows the multi-exit convention and return its ``(stages, heads)``.
-
-    Raises:
-        TypeError: ``stages`` or ``heads`` is missing or not an ``nn.ModuleList``, or there is no
-            callable ``all_exits``.
-        ValueError: the two lists are empty or of different lengths.
-    """
-    stages, heads = getattr(model, "stages", None), getattr(model, "heads", None)
-    if not isinstance(stages, nn.ModuleList) or not isinstance(heads, nn.ModuleList):
-        raise TypeError(
-            f"{type(model).__name__} is not a multi-exit model: it needs `stages` and `heads` attributes "
-            "that are nn.ModuleList (exit k = heads[k] on stages[k]'s output)"
-        )
-    if len(stages) != len(heads) or len(heads) == 0:
-        raise ValueError(f"need as many stages as heads, at least one, got {len(stages)} and {len(heads)}")
-    if not callable(getattr(model, "all_exits", None)):
-        raise TypeError(f"{type(model).__name__} needs a method all_exits(x) -> list of [B, C] logits")
-    return stages, heads

@@ -3,12 +3,12 @@ policies on test batches, then run real adaptive inference and time it against t
 
 from __future__ import annotations
 
-import timeit
 from typing import Any, Callable, Sequence
 
 import torch
 
 from eenet_fast import EarlyExitModel, compare
+from eenet_fast.costs import best_time
 from eenet_fast.evaluate import format_table
 
 
@@ -44,8 +44,8 @@ def calibrate_and_run(
         results = [model(x) for x, _ in test]
         exits = torch.cat([r.exits for r in results])
         correct = torch.cat([r.predictions.cpu() == y for r, (_, y) in zip(results, test)])
-        full_time = _best_time(lambda: [full_model(x) for x, _ in test])
-        adaptive_time = _best_time(lambda: [model(x) for x, _ in test])
+        full_time = best_time(lambda: [full_model(x) for x, _ in test])
+        adaptive_time = best_time(lambda: [model(x) for x, _ in test])
     assert torch.equal(exits.cpu(), offline), "adaptive inference left at other exits than the offline simulation"
     summary = {
         "accuracy": correct.float().mean().item(),
@@ -60,7 +60,3 @@ def calibrate_and_run(
         "exits identical to the offline simulation"
     )
     return summary
-
-
-def _best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
-    return min(timeit.repeat(fn, number=1, repeat=repeats))

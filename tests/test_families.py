@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from eenet_fast import ExitOutputs, fit_exits, wrap
-from eenet_fast.families import TokenHead, every_few
+from eenet_fast.families import every_few
+from eenet_fast.heads import TokenHead
 from eenet_fast.zoo import ResNet
 
 

@@ -20,7 +20,8 @@ from eenet_fast.kernels.compaction import compact, gather_kept, keep_positions, 
 from eenet_fast.kernels.exit_decision import exit_decision  # noqa: E402
 from eenet_fast.outputs import ExitOutputs  # noqa: E402
 from eenet_fast.policies import ExitHistory  # noqa: E402
-from eenet_fast.runtime import TorchBackend, TritonBackend, _backend, wrap  # noqa: E402
+from eenet_fast.backends import TorchBackend, TritonBackend, select_backend  # noqa: E402
+from eenet_fast.wrapping import wrap  # noqa: E402
 from eenet_fast.synthetic import make_synthetic_outputs  # noqa: E402
 from eenet_fast.zoo import MultiExitCNN  # noqa: E402
 
@@ -244,7 +245,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="need CUDA tensors"):
         compact(torch.ones(2, dtype=torch.bool), torch.zeros(2))
     with pytest.raises(RuntimeError, match="backend='triton' is not available.*CUDA"):
-        _backend("triton", torch.device("cpu"))
+        select_backend("triton", torch.device("cpu"))
 
 
 # -------------------------------------------------------------- the reference and the policies
@@ -400,11 +401,11 @@ def test_backends_compact_nested_state_alike(mode):
 
 
 def test_backend_selection():
-    assert _backend("torch", DEVICE) is TorchBackend
-    assert _backend("triton", DEVICE) is TritonBackend
-    assert _backend("auto", DEVICE) is (TritonBackend if DEVICE.type == "cuda" else TorchBackend)
+    assert select_backend("torch", DEVICE) is TorchBackend
+    assert select_backend("triton", DEVICE) is TritonBackend
+    assert select_backend("auto", DEVICE) is (TritonBackend if DEVICE.type == "cuda" else TorchBackend)
     with pytest.raises(ValueError, match="unknown backend"):
-        _backend("cuda", DEVICE)
+        select_backend("cuda", DEVICE)
 
 
 @pytest.fixture(scope="module")

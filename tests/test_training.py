@@ -3,7 +3,8 @@ import torch
 
 from eenet_fast.datasets import load_digits_split, load_fashion_mnist
 from eenet_fast.training import exit_loss, fit_exits
-from eenet_fast.zoo import MultiExitCNN, count_flops
+from eenet_fast.costs import count_flops
+from eenet_fast.zoo import MultiExitCNN
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
