@@ -9,7 +9,7 @@ outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The r
 from eenet_fast.evaluate import Evaluation, compare, evaluate
 from eenet_fast.calibration import calibrate, collect
 from eenet_fast.heads import TokenHead, conv_head, pooled_linear_head
-from eenet_fast.features import ExitFeatures, agreement, exit_features
+from eenet_fast.features import ExitFeatures, exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
 from eenet_fast.runtime import EarlyExitModel, ExitResult
@@ -22,7 +22,6 @@ __all__ = [
     "ExitOutputs",
     "ExitFeatures",
     "exit_features",
-    "agreement",
     "Policy",
     "POLICIES",
     "make_policy",

@@ -58,7 +58,7 @@ def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_n
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
-        records = compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)
+        records = [row.record() for row in compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)]
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
     if as_json:

@@ -41,22 +41,22 @@ class ScoreHeadParams:
     Attributes:
         class_weight: ``w``, ``[C]``, or ``None`` for no per-class term.
         linear: ``u``, ``[n]``.
-        hidden_weight: ``A``, ``[H, n]``, or ``None`` for no hidden layer.
-        hidden_bias: ``b``, ``[H]`` (``None`` exactly when ``hidden_weight`` is).
-        out: ``v``, ``[H]`` (``None`` exactly when ``hidden_weight`` is).
+        mlp_weight: ``A``, ``[H, n]``, or ``None`` for no hidden layer.
+        mlp_bias: ``b``, ``[H]`` (``None`` exactly when ``mlp_weight`` is).
+        mlp_out: ``v``, ``[H]`` (``None`` exactly when ``mlp_weight`` is).
     """
 
     class_weight: torch.Tensor | None
     linear: torch.Tensor
-    hidden_weight: torch.Tensor | None = None
-    hidden_bias: torch.Tensor | None = None
-    out: torch.Tensor | None = None
+    mlp_weight: torch.Tensor | None = None
+    mlp_bias: torch.Tensor | None = None
+    mlp_out: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        hidden = (self.hidden_weight, self.hidden_bias, self.out)
-        if any(t is None for t in hidden) and any(t is not None for t in hidden):
-            raise ValueError("hidden_weight, hidden_bias and out must be given together (or all be None)")
-        for name in ("class_weight", "linear", "hidden_weight", "hidden_bias", "out"):
+        mlp = (self.mlp_weight, self.mlp_bias, self.mlp_out)
+        if any(t is None for t in mlp) and any(t is not None for t in mlp):
+            raise ValueError("mlp_weight, mlp_bias and mlp_out must be given together (or all be None)")
+        for name in ("class_weight", "linear", "mlp_weight", "mlp_bias", "mlp_out"):
             t = getattr(self, name)
             if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float32):
                 raise TypeError(f"ScoreHeadParams.{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t))}")
@@ -66,16 +66,16 @@ class ScoreHeadParams:
             raise ValueError(f"linear must have shape [n >= 2] (m, e, earlier scores), got {tuple(self.linear.shape)}")
         if self.class_weight is not None and self.class_weight.ndim != 1:
             raise ValueError(f"class_weight must have shape [C], got {tuple(self.class_weight.shape)}")
-        if self.hidden_weight is not None:
-            width = self.hidden_weight.shape[0]
-            if self.hidden_weight.shape != (width, self.num_inputs) or width < 1:
+        if self.mlp_weight is not None:
+            width = self.mlp_weight.shape[0]
+            if self.mlp_weight.shape != (width, self.num_inputs) or width < 1:
                 raise ValueError(
-                    f"hidden_weight must have shape [H, {self.num_inputs}], got {tuple(self.hidden_weight.shape)}"
+                    f"mlp_weight must have shape [H, {self.num_inputs}], got {tuple(self.mlp_weight.shape)}"
                 )
-            if self.hidden_bias.shape != (width,) or self.out.shape != (width,):
+            if self.mlp_bias.shape != (width,) or self.mlp_out.shape != (width,):
                 raise ValueError(
-                    f"hidden_bias and out must have shape [{width}], got {tuple(self.hidden_bias.shape)} "
-                    f"and {tuple(self.out.shape)}"
+                    f"mlp_bias and mlp_out must have shape [{width}], got {tuple(self.mlp_bias.shape)} "
+                    f"and {tuple(self.mlp_out.shape)}"
                 )
 
     @classmethod
@@ -91,15 +91,15 @@ class ScoreHeadParams:
         return self.linear.numel()
 
     @property
-    def hidden(self) -> int:
+    def mlp_width(self) -> int:
         """Width ``H`` of the hidden layer (0 without one)."""
-        return 0 if self.hidden_weight is None else self.hidden_weight.shape[0]
+        return 0 if self.mlp_weight is None else self.mlp_weight.shape[0]
 
     def to(self, device: torch.device | str) -> "ScoreHeadParams":
         """The same head on ``device`` (no copy when it is there already)."""
         move = lambda t: None if t is None else t.detach().to(device, non_blocking=True)  # noqa: E731
         return ScoreHeadParams(
-            move(self.class_weight), move(self.linear), move(self.hidden_weight), move(self.hidden_bias), move(self.out)
+            move(self.class_weight), move(self.linear), move(self.mlp_weight), move(self.mlp_bias), move(self.mlp_out)
         )
 
 
@@ -172,8 +172,8 @@ def decide_reference(
     q = g @ head.linear
     if head.class_weight is not None:
         q = feats.probs @ head.class_weight + q
-    if head.hidden_weight is not None:
-        q = q + torch.relu(F.linear(g, head.hidden_weight, head.hidden_bias)) @ head.out
+    if head.mlp_weight is not None:
+        q = q + torch.relu(F.linear(g, head.mlp_weight, head.mlp_bias)) @ head.mlp_out
     leave, nonfinite = exit_flags(logits, q, threshold, last)
     return Decision(q, feats.prediction, leave, nonfinite)
 

@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     exit_acc = test.correct.double().mean(1).tolist()
     log("exits: " + ", ".join(f"exit {k + 1}: {100 * a:.2f}% at cost {c:.3f}" for k, (a, c) in enumerate(zip(exit_acc, costs))))
 
-    records = compare(val, test, list(cfg.budgets), cfg.policies, seed=cfg.seed, progress=cfg.progress)
+    records = [row.record() for row in compare(val, test, list(cfg.budgets), cfg.policies, seed=cfg.seed, progress=cfg.progress)]
 
     # The speed run budgets time, not FLOPs: costs are this machine's latency per exit, timed at the
     # batch sizes each stage sees under the policy (see EarlyExitModel.measure_costs).

@@ -13,7 +13,7 @@ from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
 from eenet_fast.policies.base import average_cost
 
-__all__ = ["Evaluation", "Calibration", "evaluate", "check_pair", "calibrate", "compare", "format_table"]
+__all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """One policy fitted on validation outputs for one budget, evaluated on validation and test."""
+class Comparison:
+    """One policy fitted on validation outputs for one budget, evaluated on validation and test:
+    a row of :func:`compare`'s table."""
 
     policy: Policy
     val: Evaluation
@@ -108,7 +109,7 @@ def check_pair(val: ExitOutputs, test: ExitOutputs, policies: Sequence[str]) -> 
         raise ValueError("no policy given")
 
 
-def calibrate(
+def compare(
     val: ExitOutputs,
     test: ExitOutputs,
     budgets: Sequence[float | str],
@@ -117,7 +118,7 @@ def calibrate(
     seed: int = 0,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
-) -> list[Calibration]:
+) -> list[Comparison]:
     """Fit every policy at every budget on ``val`` and evaluate it on ``val`` and ``test``.
 
     Args:
@@ -127,7 +128,7 @@ def calibrate(
         policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
 
     Returns:
-        One :class:`Calibration` per (policy, budget), policy-major.
+        One :class:`Comparison` per (policy, budget), policy-major (``.record()`` for JSON).
     """
     policies = list(policies)
     check_pair(val, test, policies)
@@ -138,25 +139,12 @@ def calibrate(
         options: dict[str, Any] = {"eenet": {"seed": seed, "progress": False}, "search": {"seed": seed}}.get(name, {})
         options.update(policy_options.get(name, {}))
         policy = make_policy(name, **options).fit(val, budget)
-        results.append(Calibration(policy, evaluate(policy, val), evaluate(policy, test)))
+        results.append(Comparison(policy, evaluate(policy, val), evaluate(policy, test)))
     return results
 
 
-def compare(
-    val: ExitOutputs,
-    test: ExitOutputs,
-    budgets: Sequence[float | str],
-    policies: Iterable[str] = POLICIES,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """:func:`calibrate`, as records (see :meth:`Calibration.record`): the rows of the table."""
-    return [c.record() for c in calibrate(val, test, budgets, policies, seed=seed, progress=progress)]
-
-
-def format_table(records: list[dict[str, Any]]) -> str:
-    """The policy x budget table (GitHub Markdown) of :func:`compare`'s records."""
+def format_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The policy x budget table (GitHub Markdown) of :meth:`Comparison.record` records."""
     rows = [
         [
             r["policy"],

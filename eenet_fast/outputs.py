@@ -7,11 +7,15 @@ File formats
 * The authors' cached format: a torch file (``.pt``/``.pth``) holding softmax outputs ``[K, N, C]``,
   either as a bare tensor or as a dict with the same keys as the ``.npz``. It is read with
   ``weights_only=True``: no pickle is executed.
+
+Probabilities are kept as their logarithms (clamped at float32's smallest normal number), which are
+logits of the same softmax: one name, ``logits``, whatever the file held. ("Scores" in this library
+are always the exit policy's scores ``q``.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -52,21 +56,20 @@ def check_costs(costs: Sequence[float] | torch.Tensor | np.ndarray, num_exits: i
 class ExitOutputs:
     """Outputs of all ``K`` exits on ``N`` samples with ``C`` classes.
 
+    Build from probabilities with :meth:`from_probs`.
+
     Attributes:
-        scores: ``[K, N, C]`` floating tensor, logits (``is_probs=False``) or softmax probabilities.
+        logits: ``[K, N, C]`` floating tensor, the exits' logits.
         labels: ``[N]`` int64 class indices in ``[0, C)``, or ``None`` when unknown.
         costs: ``[K]`` float64 cumulative costs, or ``None`` when not given.
-        is_probs: whether ``scores`` already holds probabilities.
     """
 
-    scores: torch.Tensor
+    logits: torch.Tensor
     labels: torch.Tensor | None = None
     costs: torch.Tensor | None = None
-    is_probs: bool = False
-    _validated: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        s = self.scores
+        s = self.logits
         if not isinstance(s, torch.Tensor):
             s = torch.as_tensor(np.asarray(s))
         s = s.detach()
@@ -86,17 +89,7 @@ class ExitOutputs:
                 f"exit outputs contain {int(bad.sum())} NaN/Inf values (first at exit {exit_idx}, "
                 f"sample {sample_idx}): fix the model or drop those samples before calibrating"
             )
-        if self.is_probs:
-            if (s < 0).any():
-                raise ValueError("probabilities must be >= 0; pass is_probs=False (key 'logits') for logits")
-            sums = s.double().sum(-1)
-            worst = float((sums - 1).abs().max()) if n else 0.0
-            if worst > _PROB_SUM_TOL:
-                raise ValueError(
-                    f"probabilities must sum to 1 over classes (worst row is off by {worst:.3g}); "
-                    "if these are logits, store them under the key 'logits'"
-                )
-        object.__setattr__(self, "scores", s)
+        object.__setattr__(self, "logits", s)
         if self.labels is not None:
             y = torch.as_tensor(np.asarray(self.labels))
             if y.shape != (n,):
@@ -110,24 +103,49 @@ class ExitOutputs:
         if self.costs is not None:
             object.__setattr__(self, "costs", check_costs(self.costs, k))
 
+    @classmethod
+    def from_probs(
+        cls,
+        probs: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | None = None,
+        costs: Sequence[float] | torch.Tensor | None = None,
+    ) -> "ExitOutputs":
+        """Outputs from softmax probabilities ``[K, N, C]`` (rows summing to 1 within 1e-2), kept as
+        their logarithms."""
+        p = torch.as_tensor(np.asarray(probs)) if not isinstance(probs, torch.Tensor) else probs.detach()
+        if not p.is_floating_point():
+            raise TypeError(f"probabilities must be floating point, got {p.dtype}")
+        if p.ndim != 3:
+            raise ValueError(f"probabilities must have shape [K, N, C] (exits, samples, classes), got {tuple(p.shape)}")
+        if bool((p < 0).any()) or not bool(torch.isfinite(p).all()):
+            raise ValueError("probabilities must be finite and >= 0; if these are logits, store them under the key 'logits'")
+        worst = float((p.double().sum(-1) - 1).abs().max()) if p.numel() else 0.0
+        if worst > _PROB_SUM_TOL:
+            raise ValueError(
+                f"probabilities must sum to 1 over classes (worst row is off by {worst:.3g}); "
+                "if these are logits, store them under the key 'logits'"
+            )
+        logits = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+        return cls(logits, labels, costs)
+
     # ------------------------------------------------------------------ shape
     @property
     def num_exits(self) -> int:
-        return self.scores.shape[0]
+        return self.logits.shape[0]
 
     @property
     def num_samples(self) -> int:
-        return self.scores.shape[1]
+        return self.logits.shape[1]
 
     @property
     def num_classes(self) -> int:
-        return self.scores.shape[2]
+        return self.logits.shape[2]
 
     # -------------------------------------------------------------- derived
     @cached_property
     def features(self) -> list[ExitFeatures]:
         """Per-exit confidence features (see :func:`eenet_fast.features.exit_features`)."""
-        return [exit_features(self.scores[k], is_probs=self.is_probs) for k in range(self.num_exits)]
+        return [exit_features(self.logits[k]) for k in range(self.num_exits)]
 
     @cached_property
     def correct(self) -> torch.Tensor:
@@ -152,12 +170,12 @@ class ExitOutputs:
         """A copy whose costs are replaced (``None`` keeps the current ones)."""
         if costs is None:
             return self
-        return ExitOutputs(self.scores, self.labels, check_costs(costs, self.num_exits), self.is_probs)
+        return ExitOutputs(self.logits, self.labels, check_costs(costs, self.num_exits))
 
     def subset(self, index: torch.Tensor) -> "ExitOutputs":
         """The outputs of the samples ``index`` (bool mask ``[N]`` or int64 indices)."""
         labels = None if self.labels is None else self.labels[index]
-        return ExitOutputs(self.scores[:, index], labels, self.costs, self.is_probs)
+        return ExitOutputs(self.logits[:, index], labels, self.costs)
 
     # ------------------------------------------------------------------- I/O
     @classmethod
@@ -180,20 +198,16 @@ class ExitOutputs:
                 f"{path} must hold exactly one of the keys 'logits' or 'probs' ([K, N, C]); "
                 f"found keys {sorted(data)}"
             )
-        scores = data["logits"] if has_logits else data["probs"]
-        return cls(
-            torch.as_tensor(np.asarray(scores)),
-            labels=data.get("labels"),
-            costs=data.get("costs"),
-            is_probs=has_probs,
-        )
+        if has_probs:
+            return cls.from_probs(data["probs"], data.get("labels"), data.get("costs"))
+        return cls(torch.as_tensor(np.asarray(data["logits"])), data.get("labels"), data.get("costs"))
 
     def save(self, path: str | Path) -> None:
         """Write an ``.npz`` readable by :meth:`load`."""
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"save writes .npz files, got {path}")
-        arrays: dict[str, np.ndarray] = {("probs" if self.is_probs else "logits"): self.scores.numpy()}
+        arrays: dict[str, np.ndarray] = {"logits": self.logits.numpy()}
         if self.labels is not None:
             arrays["labels"] = self.labels.numpy()
         if self.costs is not None:

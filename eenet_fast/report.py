@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from eenet_fast.evaluate import Calibration, calibrate, format_table
+from eenet_fast.evaluate import Comparison, compare, format_table
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, ExitHistory, resolve_budget
@@ -102,7 +102,7 @@ def _axis(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return torch.linspace(max(low, mid - half), min(high, mid + half), GRID_SIZE)
 
 
-def _decision_maps(calibration: Calibration, val: ExitOutputs, rng: np.random.Generator) -> dict[str, Any]:
+def _decision_maps(calibration: Comparison, val: ExitOutputs, rng: np.random.Generator) -> dict[str, Any]:
     """The numbers of the decision-map figure for a fitted EENet policy.
 
     For each exit ``k < K`` (0-based): the score head on a ``GRID_SIZE x GRID_SIZE`` grid (rows: entropy
@@ -157,7 +157,7 @@ def _decision_maps(calibration: Calibration, val: ExitOutputs, rng: np.random.Ge
     return {"policy": policy.name, "budget": policy.budget, "exits": maps}
 
 
-def _per_class(calibration: Calibration, test: ExitOutputs) -> dict[str, Any]:
+def _per_class(calibration: Comparison, test: ExitOutputs) -> dict[str, Any]:
     """Exit fractions ``[C][K]``, sample counts, accuracy and mean exit (1-based) of every true class on test."""
     num_exits, num_classes = test.num_exits, test.num_classes
     labels, exits = test.labels, calibration.test.exits
@@ -180,7 +180,7 @@ def _per_class(calibration: Calibration, test: ExitOutputs) -> dict[str, Any]:
 
 
 def report_data(
-    calibrations: Sequence[Calibration],
+    calibrations: Sequence[Comparison],
     val: ExitOutputs,
     test: ExitOutputs,
     budgets: Sequence[float],
@@ -190,7 +190,7 @@ def report_data(
     """The JSON-ready numbers behind every figure of the report (the content of ``report.json``).
 
     Keys: ``inputs``, ``budgets``, ``middle_budget`` (``budgets[len // 2]``), ``single_exits`` (cost and
-    validation/test accuracy of each exit alone), ``records`` (see :meth:`Calibration.record`),
+    validation/test accuracy of each exit alone), ``records`` (see :meth:`Comparison.record`),
     ``recommendations``, ``per_class`` (EENet at the middle budget, else the first policy) and
     ``decision_maps`` (``None`` without EENet). Exit indices are 0-based here, 1-based in the figures;
     infinite thresholds are written ``"inf"``/``"-inf"``.
@@ -544,7 +544,7 @@ def write_report(
     policies = list(dict.fromkeys(policies)) if policies else list(POLICIES)
     costs = val.costs
     grid = sorted({resolve_budget(b, costs) for b in budgets}) if budgets else default_budgets(costs)
-    calibrations = calibrate(val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress)
+    calibrations = compare(val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress)
     data = report_data(calibrations, val, test, grid, seed=seed)
 
     images = {

@@ -36,7 +36,8 @@ def calibrate_and_run(
     exit_accuracy = test_out.correct.float().mean(1).tolist()
     singles = ", ".join(f"exit {k + 1}: {100 * a:.1f} % at cost {c:.2f}" for k, (a, c) in enumerate(zip(exit_accuracy, cost)))
     print(f"single exits on test ({costs} costs, full model = 1.0): {singles}")
-    print(format_table(compare(val_out, test_out, budgets, ("eenet", "maxprob", "entropy"), progress=False)))
+    rows = compare(val_out, test_out, budgets, ("eenet", "maxprob", "entropy"), progress=False)
+    print(format_table([row.record() for row in rows]))
 
     model.calibrate(val_out, budget, "eenet", costs=costs, example=example, progress=False)
     offline = model.policy.assign(test_out)

@@ -198,18 +198,18 @@ def exit_decision(
     linear = head.linear.contiguous()
     # absent parameters are never read (their HAS_* flag is off); pass `linear` in their place
     class_weight = linear if head.class_weight is None else head.class_weight.contiguous()
-    hidden_weight = linear if head.hidden_weight is None else head.hidden_weight.contiguous()
-    hidden_bias = linear if head.hidden_bias is None else head.hidden_bias.contiguous()
-    out_weight = linear if head.out is None else head.out.contiguous()
+    hidden_weight = linear if head.mlp_weight is None else head.mlp_weight.contiguous()
+    hidden_bias = linear if head.mlp_bias is None else head.mlp_bias.contiguous()
+    out_weight = linear if head.mlp_out is None else head.mlp_out.contiguous()
     _exit_decision_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), logits.stride(1),
         prev_scores, prev_scores.stride(0), prev_scores.stride(1),
         class_weight, linear, hidden_weight, hidden_bias, out_weight,
         out.score, out.score.stride(0), out.prediction, out.prediction.stride(0),
         leave, leave.stride(0), nonfinite, nonfinite.stride(0),
-        batch, num_classes, math.log(num_classes), float(threshold), head.hidden,
-        NUM_INPUTS=head.num_inputs, HAS_CLASS=head.class_weight is not None, HAS_HIDDEN=head.hidden > 0,
-        BLOCK_H=max(16, triton.next_power_of_2(head.hidden)), LAST=bool(last),
+        batch, num_classes, math.log(num_classes), float(threshold), head.mlp_width,
+        NUM_INPUTS=head.num_inputs, HAS_CLASS=head.class_weight is not None, HAS_HIDDEN=head.mlp_width > 0,
+        BLOCK_H=max(16, triton.next_power_of_2(head.mlp_width)), LAST=bool(last),
         BLOCK_B=block_b, BLOCK_C=block_c, num_warps=4 if block_b * block_c <= 4096 else 8,
     )  # fmt: skip
     return out

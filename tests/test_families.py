@@ -33,7 +33,7 @@ def assert_forward_is_simulation(model, x):
     result = model(x)
     outputs = ExitOutputs(torch.stack(model.all_exits(x)))
     exits = model.policy.assign(outputs)
-    expected = outputs.scores[exits, torch.arange(exits.numel())]
+    expected = outputs.logits[exits, torch.arange(exits.numel())]
     assert torch.equal(result.exits, exits)
     torch.testing.assert_close(result.logits, expected, rtol=1e-5, atol=1e-5)
     return result

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from eenet_fast.features import agreement, exit_features
+from eenet_fast.features import exit_features
 
 
 def test_features_match_hand_computed_values():
@@ -21,7 +21,7 @@ def test_features_match_hand_computed_values():
 
 def test_one_hot_probabilities_give_full_confidence():
     probs = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
-    f = exit_features(probs, is_probs=True)
+    f = exit_features(torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny)))  # as ExitOutputs.from_probs keeps them
     torch.testing.assert_close(f.entropy_conf[0], torch.tensor(1.0))
     assert f.prediction.tolist() == [1, 2]
 
@@ -33,13 +33,6 @@ def test_low_precision_and_non_contiguous_inputs_match_fp32(dtype):
     ref = exit_features(x.float().contiguous())
     torch.testing.assert_close(f.max_score, ref.max_score)
     torch.testing.assert_close(f.entropy_conf, ref.entropy_conf)
-
-
-def test_agreement_counts_earlier_exits_that_agree():
-    preds = torch.tensor([[1, 2], [1, 3], [1, 2]])  # K=3, N=2
-    v = agreement(preds)
-    torch.testing.assert_close(v[:, 0], torch.tensor([1.0, 1.0, 1.0]))
-    torch.testing.assert_close(v[:, 1], torch.tensor([1.0, 0.5, 2 / 3]))
 
 
 def test_features_reject_bad_shapes():

@@ -232,7 +232,7 @@ def test_decision_errors():
         ScoreHeadParams(None, torch.zeros(2), torch.zeros(4, 2))
     with pytest.raises(TypeError, match="float32"):
         ScoreHeadParams(None, torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"hidden_weight must have shape \[H, 3\]"):
+    with pytest.raises(ValueError, match=r"mlp_weight must have shape \[H, 3\]"):
         ScoreHeadParams(None, torch.zeros(3), torch.zeros(4, 2), torch.zeros(4), torch.zeros(4))
 
 
@@ -267,7 +267,7 @@ def test_reference_gives_exactly_the_policy_score(name, options):
     history = ExitHistory.empty(test.num_samples)
     for k, feats in enumerate(test.features):
         q = policy.score(k, feats, history).float()
-        ref = decide_reference(test.scores[k], policy.score_head(k), history.scores, policy.thresholds[k], k == 2)
+        ref = decide_reference(test.logits[k], policy.score_head(k), history.scores, policy.thresholds[k], k == 2)
         assert torch.equal(ref.score, q)
         assert torch.equal(ref.prediction, feats.prediction)
         if k < 2:

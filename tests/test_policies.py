@@ -75,7 +75,7 @@ def test_learned_policies_spend_less_when_a_later_exit_is_worse(name):
     from eenet_fast.synthetic import make_synthetic_outputs
 
     val = make_synthetic_outputs(3000, seed=5)
-    worse_last = val.scores.clone()
+    worse_last = val.logits.clone()
     worse_last[-1] = worse_last[0]  # the last exit is no better than the first
     val = type(val)(worse_last, val.labels, val.costs)
     result = evaluate(fit(name, val, 0.9), val)
@@ -133,6 +133,6 @@ def test_fitting_needs_labels_and_costs(synthetic_val):
     from eenet_fast.outputs import ExitOutputs
 
     with pytest.raises(ValueError, match="no labels"):
-        make_policy("maxprob").fit(ExitOutputs(synthetic_val.scores, costs=synthetic_val.costs), 0.5)
+        make_policy("maxprob").fit(ExitOutputs(synthetic_val.logits, costs=synthetic_val.costs), 0.5)
     with pytest.raises(ValueError, match="no exit costs"):
-        make_policy("maxprob").fit(ExitOutputs(synthetic_val.scores, synthetic_val.labels), 0.5)
+        make_policy("maxprob").fit(ExitOutputs(synthetic_val.logits, synthetic_val.labels), 0.5)

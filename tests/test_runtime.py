@@ -36,7 +36,7 @@ def random_policy(model, name, seed, budget_frac):
 def simulate(model, x):
     outputs = ExitOutputs(torch.stack(model.all_exits(x)))
     exits = model.policy.assign(outputs)
-    logits = outputs.scores.gather(0, exits[None, :, None].expand(1, -1, C))[0]
+    logits = outputs.logits.gather(0, exits[None, :, None].expand(1, -1, C))[0]
     return exits, logits
 
 

@@ -8,6 +8,12 @@ outputs so that the validation average cost is at most the budget.
 
 The same :meth:`Policy.score` runs offline over whole data sets and online inside the runtime on
 compacted batches, so the offline simulation and real early exit take the same decisions.
+
+A policy is an ``nn.Module``: installed in an :class:`~eenet_fast.runtime.EarlyExitModel` it is
+the submodule ``policy``, so its tensors (thresholds, costs, learned weights) follow the model's
+``.to(device)`` and appear in ``state_dict()``. They keep their own dtypes (float32 thresholds and
+weights, float64 costs) under ``.half()`` or ``.to(dtype)``: a decision must not change with the
+precision the network runs in. A fitted policy's parameters need no gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
@@ -117,7 +124,7 @@ def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
 
 def average_cost(exits: torch.Tensor, costs: torch.Tensor) -> float:
     """Mean of ``costs[exits]`` (0 for an empty set)."""
-    return float(costs[exits].mean()) if exits.numel() else 0.0
+    return float(costs.to(exits.device)[exits].mean()) if exits.numel() else 0.0
 
 
 def thresholds_for_fractions(scores: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
@@ -224,23 +231,34 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class Policy(ABC):
+class Policy(nn.Module, ABC):
     """An exit policy: scores per exit plus thresholds fitted for a budget.
 
     Subclasses implement :meth:`score` and :meth:`_fit`. After :meth:`fit`, ``thresholds`` is a
-    ``[K]`` float32 tensor (``T_K = -inf``), ``costs`` the ``[K]`` costs and ``budget`` the
-    absolute budget it was fitted for.
+    ``[K]`` float32 buffer (``T_K = -inf``), ``costs`` the ``[K]`` float64 buffer of costs and
+    ``budget`` the absolute budget it was fitted for.
     """
 
     name: ClassVar[str]
     deployable: ClassVar[bool] = True  # False for policies that need labels at inference (the oracle)
 
     def __init__(self) -> None:
-        self.thresholds: torch.Tensor | None = None
-        self.costs: torch.Tensor | None = None
+        super().__init__()
+        self.register_buffer("thresholds", None)
+        self.register_buffer("costs", None)
         self.budget: float | None = None
         self.num_classes: int | None = None
         self._score_heads_on: dict[tuple[int, str], ScoreHeadParams | None] = {}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "Policy":
+        """Follow a move of the model to another device, but keep every tensor's dtype (see the module doc)."""
+        return super()._apply(lambda t: t.to(fn(t).device), *args, **kwargs)
+
+    def forward(self, *args: Any) -> Any:
+        raise TypeError(
+            "a policy is not called like a layer: use policy.score(k, features, history) for exit k, or "
+            "run the EarlyExitModel it is installed in"
+        )
 
     # -------------------------------------------------------------- scoring
     @abstractmethod
@@ -288,6 +306,7 @@ class Policy(ABC):
         self._score_heads_on = {}  # the score heads change with the fit
         with _one_thread():
             self.thresholds = self._fit(val, self.budget)
+        self.requires_grad_(False)
         exits = self.assign(val)
         cost = average_cost(exits, costs)
         if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
@@ -310,7 +329,8 @@ class Policy(ABC):
     def assign(self, outputs: ExitOutputs) -> torch.Tensor:
         """``[N]`` int64: the exit each sample leaves at."""
         self._check_fitted(outputs)
-        return assign_exits(self.exit_scores(outputs), self.thresholds)
+        scores = self.exit_scores(outputs)
+        return assign_exits(scores, self.thresholds.to(scores.device))
 
     # ---------------------------------------------------- saving and loading
     def options(self) -> dict[str, Any]:

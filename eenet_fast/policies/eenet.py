@@ -56,6 +56,8 @@ _EPS = 1e-6
 class ScoreHead(nn.Module):
     """``q = w . p + u . g + v . relu(A g + b)``; starts as ``q = m`` (the max score, ``g[:, 0]``).
 
+    Parameters: ``class_weight`` (``w``), ``linear`` (``u``), ``mlp_in`` (``A``, ``b``) and ``mlp_out`` (``v``).
+
     Args:
         num_classes: ``C``.
         num_inputs: width of ``g = [m, e, q_0..q_{k-1}]``, i.e. ``k + 2``.
@@ -68,14 +70,14 @@ class ScoreHead(nn.Module):
         linear = torch.zeros(num_inputs)
         linear[0] = 1.0
         self.linear = nn.Parameter(linear)
-        self.hidden = nn.Linear(num_inputs, hidden) if hidden else None
-        self.out = nn.Parameter(torch.zeros(hidden)) if hidden else None
+        self.mlp_in = nn.Linear(num_inputs, hidden) if hidden else None
+        self.mlp_out = nn.Parameter(torch.zeros(hidden)) if hidden else None
 
     def forward(self, probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``probs [N, C]``, ``g [N, k + 2]`` float32 -> ``q [N]`` float32."""
         q = probs @ self.class_weight + g @ self.linear
-        if self.hidden is not None:
-            q = q + torch.relu(self.hidden(g)) @ self.out
+        if self.mlp_in is not None:
+            q = q + torch.relu(self.mlp_in(g)) @ self.mlp_out
         return q
 
 
@@ -95,7 +97,7 @@ class Scheduler(nn.Module):
 
     def __init__(self, num_exits: int, num_classes: int, hidden: int = 16) -> None:
         super().__init__()
-        self.num_exits, self.num_classes, self.hidden_width = num_exits, num_classes, hidden
+        self.num_exits, self.num_classes = num_exits, num_classes
         self.score_heads = nn.ModuleList(ScoreHead(num_classes, k + 2, hidden) for k in range(num_exits))
         self.assign_heads = nn.ModuleList(
             AssignmentHead(num_classes + k + 2, max(1, (num_classes + k + 2) // 2)) for k in range(num_exits)
@@ -140,6 +142,15 @@ def scheduler_losses(
     return {"bce": l_bce, "kl": l_kl, "cost": l_cost}
 
 
+def _current_name(name: str) -> str:
+    """A scheduler state-dict name as saved today; files from before the rename of the score heads'
+    ReLU layer (``hidden`` -> ``mlp_in``, ``out`` -> ``mlp_out``) still load."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "score_heads":
+        parts[2] = {"hidden": "mlp_in", "out": "mlp_out"}.get(parts[2], parts[2])
+    return ".".join(parts)
+
+
 class EENetPolicy(Policy):
     """The EENet scheduler as an exit policy.
 
@@ -178,7 +189,6 @@ class EENetPolicy(Policy):
         self.kl_weight, self.cost_weight = kl_weight, cost_weight
         self.restarts, self.seed, self.progress = restarts, seed, progress
         self.scheduler: Scheduler | None = None
-        self.history: list[dict[str, float]] = []
 
     # ---------------------------------------------------- saving and loading
     def options(self) -> dict[str, Any]:
@@ -188,31 +198,31 @@ class EENetPolicy(Policy):
         return {f"scheduler.{name}": t for name, t in self.scheduler.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.scheduler = Scheduler(self.thresholds.numel(), self.num_classes, self.hidden)
+        scheduler = Scheduler(self.thresholds.numel(), self.num_classes, self.hidden)
         prefix = "scheduler."
-        self.scheduler.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        scheduler.load_state_dict({_current_name(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)})
+        self.scheduler = scheduler.requires_grad_(False).to(self.thresholds.device)
 
     # -------------------------------------------------------------- scoring
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         if self.scheduler is None:
             raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
         g = Scheduler.confidences(features.max_score, features.entropy_conf, history.scores)
-        if self.scheduler.score_heads[k].linear.device != g.device:
-            self.scheduler.to(g.device)  # once, when the model runs on another device than calibration
-        with torch.no_grad():
-            return self.scheduler.score_heads[k](features.probs, g)
+        head = self.scheduler.score_heads[k]
+        with torch.no_grad():  # on the head's device: the policy moves with the model it is installed in
+            return head(features.probs.to(head.linear.device), g.to(head.linear.device)).to(g.device)
 
     def score_head(self, k: int) -> ScoreHeadParams:
         if self.scheduler is None:
             raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
         head = self.scheduler.score_heads[k]
-        hidden = head.hidden
+        mlp = head.mlp_in
         return ScoreHeadParams(
             head.class_weight.detach(),
             head.linear.detach(),
-            None if hidden is None else hidden.weight.detach(),
-            None if hidden is None else hidden.bias.detach(),
-            None if hidden is None else head.out.detach(),
+            None if mlp is None else mlp.weight.detach(),
+            None if mlp is None else mlp.bias.detach(),
+            None if mlp is None else head.mlp_out.detach(),
         )
 
     # -------------------------------------------------------------- fitting
@@ -239,7 +249,6 @@ class EENetPolicy(Policy):
             for params in (score_params, assign_params)
         ]
         n = val.num_samples
-        self.history = []
         bar = tqdm(range(self.epochs), desc="eenet: training scheduler", disable=not self.progress, leave=False)
         for epoch in bar:
             phase = (epoch // self.phase_epochs) % 2  # 0: score heads on L_bce, 1: assignment heads
@@ -256,7 +265,6 @@ class EENetPolicy(Policy):
                 optimizer.step()
                 for key, value in losses.items():
                     totals[key] += float(value.detach()) * idx.numel() / n
-            self.history.append({"epoch": epoch, "phase": phase, **totals})
             bar.set_postfix(bce=f"{totals['bce']:.3f}", cost=f"{totals['cost']:.3f}")
 
     def _thresholds(self, val: ExitOutputs, budget: float, generator: torch.Generator) -> torch.Tensor:
@@ -267,9 +275,9 @@ class EENetPolicy(Policy):
                 torch.stack([f.max_score for f in feats]),
                 torch.stack([f.entropy_conf for f in feats]),
             )
-        self.target_fractions = torch.softmax(a, 0).mean(1).double()
-        uniform = torch.full_like(self.target_fractions, 1.0 / val.num_exits)
-        bases = [self.target_fractions, uniform, *random_bases(self.target_fractions, self.restarts, 1.0, generator)]
+        target = torch.softmax(a, 0).mean(1).double()  # the exit mix the assignment heads learned
+        uniform = torch.full_like(target, 1.0 / val.num_exits)
+        bases = [target, uniform, *random_bases(target, self.restarts, 1.0, generator)]
         thresholds, _ = best_over_bases(
             self.exit_scores(val), val.correct.float(), val.costs, budget, bases, levels=(0.5, 0.75, 1.0)
         )
