@@ -44,7 +44,7 @@ def _start_folder(out: Path) -> tuple[Path, list[Path]]:
         OSError: the staging folder cannot be created next to ``out`` (the message says where and why).
     """
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"the report's folder {out} is a file: give --out a folder (new, or holding an earlier report)")
+        raise FileExistsError(f"the report's folder {out} is a file: give --out a folder (new, empty or an earlier report)")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
         if foreign:
@@ -53,18 +53,19 @@ def _start_folder(out: Path) -> tuple[Path, list[Path]]:
                 f"{out} holds files that are not part of a report ({shown}); the report replaces its folder "
                 "as a whole, so give --out a new or empty folder, or one holding only an earlier report"
             )
+    fix = "give --out a folder in a place you can write to (the report is written next to it, then moved in)"
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    existing = out.parent.parents[len(created) - 1] if created else out.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write the report into {out}: {existing} is a file, not a folder; {fix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = _sibling(out, "partial")
         staging.mkdir()
     except OSError as err:
         _remove_folders(created)
-        where = err.filename or out.parent
-        raise type(err)(
-            f"cannot write the report into {out}: {err.strerror or err} ({where}); give --out a folder "
-            "in a place you can write to (the report is written next to it first, then moved into place)"
-        ) from err
+        reason = f"{err.strerror or err} ({err.filename or out.parent})"
+        raise type(err)(f"cannot write the report into {out}: {reason}; {fix}") from err
     return staging, created
 
 
