@@ -113,7 +113,8 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: str, speed_budget: 
 @click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Test exit outputs, same format.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write index.html, report.json, table.md and the figures into.")
+              help="Folder of the report (index.html, report.json, table.md, the figures): new, empty or "
+                   "holding an earlier report, which is replaced when the new one is complete.")
 @click.option("--budgets", "--budget", "budgets", multiple=True,
               help="Budgets, comma-separated or repeated; '0.5x' or '50%' is a fraction of the last exit's cost "
                    "(default: 8 budgets between the first and the last exit's cost).")
@@ -134,7 +135,7 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
         index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
-    except ImportError as err:
+    except (ImportError, OSError) as err:
         raise click.ClickException(str(err)) from None
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None

@@ -1,6 +1,7 @@
 """Shared fixtures. Triton runs in its interpreter when there is no CUDA device; that must be set
 before any ``@triton.jit`` function is defined, so it happens here, before the package is imported."""
 
+import json
 import os
 
 import torch
@@ -45,3 +46,21 @@ def pytest_collection_modifyitems(config, items):
         for marker, (module, fix) in needs.items():
             if marker in item.keywords and _missing(module):
                 item.add_marker(pytest.mark.skip(reason=f"needs {module}: {fix}"))
+
+
+@pytest.fixture(scope="session")
+def written_report(tmp_path_factory):
+    """One report, shared by the report tests: every policy at three budgets on 1,500 synthetic
+    validation and test samples, EENet briefly trained. Its ``index`` (``index.html``), ``data`` (the
+    content of ``report.json``), the ``val``/``test`` outputs and the ``seed``/``policy_options`` used."""
+    from types import SimpleNamespace
+
+    from eenet_fast.report import write_report
+
+    val, test = make_synthetic_outputs(1500, seed=1), make_synthetic_outputs(1500, seed=2)
+    options = {"eenet": {"epochs": 10}}
+    out = tmp_path_factory.mktemp("report") / "report"
+    budgets = [0.4, "60%", 0.8]  # the costs are 0.25, 0.5, 0.75, 1
+    index = write_report(val, test, out, budgets=budgets, seed=3, progress=False, policy_options=options)
+    data = json.loads((out / "report.json").read_text())
+    return SimpleNamespace(index=index, data=data, val=val, test=test, seed=3, policy_options=options)
