@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from eenet_fast.evaluate import compare, format_table
+from eenet_fast.evaluate import compare as compare_policies
+from eenet_fast.evaluate import format_table
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES
 
@@ -20,6 +21,15 @@ def _parse_costs(text: str | None) -> list[float] | None:
         return [float(c) for c in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers such as 0.25,0.5,1, got {text!r}") from None
+
+
+BUDGET_HELP = ("an average cost per sample in the costs' unit, or a fraction of the full model's cost written "
+               "'0.5x' or '50%'; comma-separated or repeated")
+
+
+def _parse_budgets(texts: tuple[str, ...]) -> list[str]:
+    """The budgets of every ``--budget`` option: each comma-separated or repeated (one syntax for every command)."""
+    return [b.strip() for text in texts for b in text.split(",") if b.strip()]
 
 
 def _parse_policies(names: tuple[str, ...]) -> list[str]:
@@ -42,28 +52,28 @@ def main() -> None:
               help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
 @click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Test exit outputs, same format.")
-@click.option("--budget", "budgets", required=True, multiple=True,
-              help="Average cost per sample; repeat for several. '0.5x' or '50%' is a fraction of the last exit's cost.")
+@click.option("--budget", "budgets", required=True, multiple=True, help=f"Budgets: {BUDGET_HELP}.")
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to fit (repeat for several): {', '.join(POLICIES)}, or all (the default).")
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the learned and searched policies.")
-@click.option("--json", "as_json", is_flag=True, help="Print only a JSON list of records.")
-def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
-             costs_text: str | None, seed: int, as_json: bool) -> None:
-    """Fit policies on validation outputs for each budget and report them on test outputs."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print only a JSON list of records (test and validation figures of every policy and budget).")
+def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
+            costs_text: str | None, seed: int, as_json: bool) -> None:
+    """Fit policies on validation outputs for each budget and compare them on test outputs."""
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
-        records = [row.record() for row in compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)]
+        rows = compare_policies(val, test, _parse_budgets(budgets), policies, seed=seed, progress=not as_json)
+        records = [row.record() for row in rows]
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
     if as_json:
-        keys = ("policy", "budget", "accuracy", "avg_cost", "val_avg_cost", "exit_fractions")
-        click.echo(json.dumps([{k: r[k] for k in keys} for r in records], indent=2))
+        click.echo(json.dumps(records, indent=2))
         return
     click.echo(
         f"{val.num_exits} exits, {val.num_classes} classes; costs {', '.join(f'{c:.4g}' for c in val.costs.tolist())}; "
@@ -72,23 +82,28 @@ def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_n
     click.echo(format_table(records))
 
 
+main.add_command(compare, name="evaluate")  # the command's name before 0.2, kept for scripts
+
+
 @main.command()
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with the four Fashion-MNIST IDX files (default: the Debian package's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eenet_runs/demo"),
               show_default=True, help="Where the model, exit outputs, results and plot go (and are cached).")
 @click.option("--epochs", default=3, show_default=True, help="Training epochs of the multi-exit CNN.")
-@click.option("--budget", "budgets", default="0.3,0.4,0.5,0.7", show_default=True,
-              help="Budgets of the table, comma-separated fractions of the full model's FLOPs.")
-@click.option("--speed-budget", default=0.5, show_default=True, help="Budget at which adaptive inference is timed.")
+@click.option("--budget", "budgets", multiple=True, default=("0.3,0.4,0.5,0.7",), show_default=True,
+              help=f"Budgets of the table, in the full model's FLOPs (1.0): {BUDGET_HELP}.")
+@click.option("--speed-budget", default="0.5", show_default=True,
+              help="Budget, in the full model's measured time (1.0 or '1x'), at which adaptive inference is timed.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--seed", default=0, show_default=True)
-def demo(data: Path | None, out: Path, epochs: int, budgets: str, speed_budget: float, threads: int | None, seed: int) -> None:
+def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], speed_budget: str, threads: int | None,
+         seed: int) -> None:
     """Train a multi-exit CNN on Fashion-MNIST, calibrate the policies and time real early exit."""
     from eenet_fast.demo import DemoConfig, run_demo
 
     try:
-        cfg = DemoConfig(data=data, out=out, epochs=epochs, budgets=tuple(_parse_costs(budgets)),
+        cfg = DemoConfig(data=data, out=out, epochs=epochs, budgets=tuple(_parse_budgets(budgets)),
                          speed_budget=speed_budget, threads=threads, seed=seed)
         summary = run_demo(cfg, log=click.echo)
     except (FileNotFoundError, ValueError) as err:
@@ -115,9 +130,8 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: str, speed_budget: 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the report (index.html, report.json, table.md, the figures): new, empty or "
                    "holding an earlier report, which is replaced when the new one is complete.")
-@click.option("--budgets", "--budget", "budgets", multiple=True,
-              help="Budgets, comma-separated or repeated; '0.5x' or '50%' is a fraction of the last exit's cost "
-                   "(default: 8 budgets between the first and the last exit's cost).")
+@click.option("--budget", "--budgets", "budgets", multiple=True,
+              help=f"Budgets: {BUDGET_HELP} (default: 8 budgets between the first and the last exit's cost).")
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to report on (repeat for several): {', '.join(POLICIES)}, or all (the default).")
 @click.option("--costs", "costs_text", default=None,
@@ -130,7 +144,7 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
 
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
-    budget_list = [b.strip() for text in budgets for b in text.split(",") if b.strip()] or None
+    budget_list = _parse_budgets(budgets) or None
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)

@@ -46,8 +46,8 @@ class DemoConfig:
     head_grid: int = 4  # (model)
     epochs: int = 3  # (model)
     seed: int = 0  # (model)
-    budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.7)
-    speed_budget: float = 0.5
+    budgets: tuple[float | str, ...] = (0.3, 0.4, 0.5, 0.7)  # FLOPs, full model = 1.0 ("0.5x" works too)
+    speed_budget: float | str = 0.5  # measured time, full model = 1.0
     batch_size: int = 256
     policies: tuple[str, ...] = ("eenet", "maxprob", "entropy", "patience", "search", "oracle")
     repeats: int = 3

@@ -15,8 +15,8 @@ def files(tmp_path_factory):
     return d / "val.npz", d / "test.npz"
 
 
-def run(*args):
-    return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+def run(*args, command="compare"):
+    return CliRunner().invoke(main, [command, *map(str, args)])
 
 
 def test_json_records(files):
@@ -28,7 +28,8 @@ def test_json_records(files):
     assert [(r["policy"], r["budget"]) for r in records] == [
         ("maxprob", 0.5), ("maxprob", 0.8), ("patience", 0.5), ("patience", 0.8)]
     for r in records:
-        assert set(r) == {"policy", "budget", "accuracy", "avg_cost", "val_avg_cost", "exit_fractions"}
+        assert {"policy", "budget", "accuracy", "avg_cost", "exit_fractions", "per_exit_accuracy", "val_avg_cost",
+                "val_accuracy", "val_exit_fractions", "val_per_exit_accuracy"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and r["val_avg_cost"] <= r["budget"] + 1e-9
         assert len(r["exit_fractions"]) == 4
 
@@ -56,3 +57,13 @@ def test_bad_input_is_explained(files, extra, message):
     result = run("--val", val, "--test", test, *extra)
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_one_budget_syntax_and_the_old_command_name(files):
+    val, test = files
+    repeated = run("--val", val, "--test", test, "--budget", "0.5", "--budget", "80%", "--policy", "maxprob", "--json")
+    commas = run("--val", val, "--test", test, "--budget", "0.5, 0.8x", "--policy", "maxprob", "--json",
+                 command="evaluate")
+    assert repeated.exit_code == 0 and commas.exit_code == 0, repeated.output + commas.output
+    assert json.loads(repeated.output) == json.loads(commas.output)
+    assert [r["budget"] for r in json.loads(commas.output)] == [0.5, 0.8]
