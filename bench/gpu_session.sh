@@ -16,7 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/
   git rev-parse --short HEAD 2>/dev/null
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_families.py 2>&1 | tee "$out/tests.txt" | tail -8
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_exit_decision.py tests/test_kernels_compaction.py tests/test_backends.py tests/test_families.py 2>&1 | tee "$out/tests.txt" | tail -8
 timeout 420 python3 -m pytest -q -p no:cacheprovider bench/bench_kernels.py bench/bench_end_to_end.py \
   --benchmark-json="$out/bench.json" --benchmark-columns=median,rounds >"$out/bench.txt" 2>&1
 tail -3 "$out/bench.txt"

@@ -5,8 +5,8 @@ import torch
 
 from eenet_fast import evaluate, make_policy
 from eenet_fast.datasets import load_fashion_mnist
-from eenet_fast.wrapping import wrap
 from eenet_fast.training import fit_exits
+from eenet_fast.wrapping import wrap
 from eenet_fast.zoo import MultiExitCNN
 
 

@@ -4,41 +4,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_utils import C, D, K, mlp_model, random_policy, simulate
 from torch import nn
 
 from eenet_fast import make_policy
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.heads import pooled_linear_head
 from eenet_fast.runtime import EarlyExitModel
-from eenet_fast.wrapping import wrap
-from eenet_fast.zoo import MultiExitCNN
-
-K, C, D = 3, 5, 12
-
-
-def mlp_model(seed=0) -> EarlyExitModel:
-    torch.manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(K)]
-    heads = [nn.Linear(D, C) for _ in range(K)]
-    return EarlyExitModel(stages, heads, backend="torch").eval()
-
-
-def random_policy(model, name, seed, budget_frac):
-    """A policy fitted on the model's own outputs for random labels: random but valid thresholds."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, D, generator=g)
-    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(C, (64,), generator=g), [1.0, 2.0, 3.0])
-    options = {"epochs": 2, "progress": False, "seed": seed} if name == "eenet" else {}
-    model.policy = make_policy(name, **options).fit(outputs, 1.0 + 2.0 * budget_frac)
-    return model.policy
-
-
-def simulate(model, x):
-    outputs = ExitOutputs(torch.stack(model.all_exits(x)))
-    exits = model.policy.assign(outputs)
-    logits = outputs.logits.gather(0, exits[None, :, None].expand(1, -1, C))[0]
-    return exits, logits
-
 
 MODEL = mlp_model()
 
@@ -124,70 +95,87 @@ def test_training_mode_and_missing_policy_are_refused():
         model(torch.randn(2, D))
 
 
-def test_policy_save_load_round_trip_and_mismatch(tmp_path):
+# ------------------------------------------------------------------ the policy as a submodule
+
+
+def test_the_policy_is_a_submodule_that_moves_but_keeps_its_precision():
     model = mlp_model()
-    random_policy(model, "eenet", 3, 0.4)
-    x = torch.randn(50, D)
-    before = model(x)
-    model.save_policy(tmp_path / "policy.safetensors")
-    model.policy = None
-    model.load_policy(tmp_path / "policy.safetensors")
-    after = model(x)
-    assert torch.equal(before.exits, after.exits) and torch.equal(before.logits, after.logits)
-    other = EarlyExitModel([nn.Identity()] * K, [nn.Linear(D, C + 1) for _ in range(K)]).eval()
-    with pytest.raises(ValueError, match="other exits or classes"):
-        other.load_policy(tmp_path / "policy.safetensors")
+    policy = random_policy(model, "eenet", 1, 0.5)
+    names = set(model.state_dict())
+    assert {"policy.thresholds", "policy.costs"} <= names
+    assert any(name.startswith("policy.scheduler.score_heads.0.") for name in names)
+    assert not any(p.requires_grad for p in policy.parameters())  # no gradients at inference
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    model.half()  # the network runs in half precision; the decision keeps its own
+    assert policy.thresholds.dtype == torch.float32 and policy.costs.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    with pytest.raises(TypeError, match="not called like a layer"):
+        policy(torch.randn(2, D))
+
+
+def test_one_policy_decides_a_whole_batch_even_if_it_is_swapped_mid_forward():
+    model = mlp_model()
+    first = random_policy(model, "maxprob", 0, 0.3)
+    x = torch.randn(64, D)
+    expected = model(x)
+    second = make_policy("maxprob").fit(
+        ExitOutputs(torch.stack(model.all_exits(torch.randn(64, D))), torch.randint(C, (64,)), [1.0, 2.0, 3.0]), 2.9
+    )
+
+    class Swap(nn.Module):  # another thread installs a new policy while stage 1 runs
+        def forward(self, h):
+            model.policy = second
+            return h
+
+    model.stages[1] = nn.Sequential(model.stages[1], Swap())
+    model.policy = first
+    got = model(x)
+    assert torch.equal(got.exits, expected.exits) and torch.equal(got.logits, expected.logits)
+    assert model.policy is second
+
+
+# ------------------------------------------------------- the checks a peer library makes
+
+
+def test_a_budget_at_the_full_cost_gives_the_models_own_output_exactly():
+    model = mlp_model()
+    g = torch.Generator().manual_seed(5)
+    val = ExitOutputs(torch.stack(model.all_exits(torch.randn(80, D, generator=g))), torch.randint(C, (80,), generator=g),
+                      [1.0, 2.0, 3.0])
+    model.calibrate(val, 3.0, "maxprob")
+    x = torch.randn(30, D, generator=g)
+    result = model(x)
+    if (result.exits < K - 1).any():  # the most accurate mix at the full budget may still exit early
+        model.policy.thresholds[: K - 1] = float("inf")  # a policy that spends the whole budget
+        result = model(x)
+    assert (result.exits == K - 1).all()
     with torch.no_grad():
-        model.heads[1].bias.add_(0.1)  # same structure, other weights: the policy would be silently off
-    with pytest.raises(ValueError, match="exit heads with other weights"):
-        model.load_policy(tmp_path / "policy.safetensors")
+        assert torch.equal(result.logits, model.all_exits(x)[-1])
 
 
-def test_oracle_cannot_be_installed():
+def test_outputs_carry_no_autograd_graph_outside_no_grad():
     model = mlp_model()
-    outputs = ExitOutputs(torch.stack(model.all_exits(torch.randn(20, D))), torch.randint(C, (20,)), [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="needs labels at inference"):
-        model.calibrate(outputs, 2.0, policy="oracle")
+    random_policy(model, "eenet", 2, 0.5)
+    x = torch.randn(12, D, requires_grad=True)
+    result = model(x)
+    for t in (result.logits, result.predictions, result.exits, result.nonfinite):
+        assert not t.requires_grad and t.grad_fn is None
 
 
-def test_wrap_a_sequential_with_a_head_factory():
+def test_a_saturated_head_corrupts_nothing():
+    """Max softmax exactly 1.0 (entropy exactly 0) at every exit: finite scores, everyone leaves at once."""
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
-    x = torch.randn(10, 1, 8, 8)
-    model = wrap(seq, exits_after=[1, 3], heads=pooled_linear_head(C), example_input=x).eval()
-    assert model.num_exits == 2
-    logits = model.all_exits(x)
-    assert [z.shape for z in logits] == [(10, C), (10, C)]
-    torch.testing.assert_close(model.stages[1](model.stages[0](x)), seq(x))
-    with pytest.raises(ValueError, match="ending at the last module"):
-        wrap(seq, exits_after=[1, 2], heads=pooled_linear_head(C), example_input=x)
-    with pytest.raises(TypeError, match="stages` and `heads`"):
-        wrap(nn.Linear(2, 2))
-
-
-def test_wrap_uses_stages_and_heads_and_costs_are_normalised():
-    net = MultiExitCNN(widths=(4, 8, 8)).eval()
-    model = wrap(net)
-    costs = model.measure_costs("flops", torch.randn(2, 1, 28, 28))
-    assert costs[-1] == 1.0 and all(a < b for a, b in zip(costs, costs[1:]))
-    latency = model.measure_costs("latency", torch.randn(8, 1, 28, 28))
-    assert len(latency) == 3 and latency[0] > 0 and all(a < b for a, b in zip(latency, latency[1:]))
-    with pytest.raises(ValueError, match="one fraction per exit"):
-        model.measure_costs("latency", torch.randn(8, 1, 28, 28), reach=[1.0, 0.5])
-    assert model.measure_costs([1, 2, 3], None) == [1.0, 2.0, 3.0]
-    with torch.no_grad():
-        last, expected = model.all_exits(torch.zeros(1, 1, 28, 28))[-1], net(torch.zeros(1, 1, 28, 28))
-    assert torch.equal(last, expected)
-
-
-def test_latency_calibration_times_the_stages_at_the_batch_sizes_they_see():
-    model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 1, 28, 28, generator=g)
-    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
-    with pytest.raises(ValueError, match="needs example="):
-        model.calibrate(outputs, "0.97x", "maxprob", costs="latency")
-    policy = model.calibrate(outputs, "0.97x", "maxprob", costs="latency", example=x[:32])
-    costs = policy.costs.tolist()
-    assert all(a < b for a, b in zip(costs, costs[1:]))
-    assert model(x).exits.shape == (64,)
+    heads = [nn.Linear(D, C) for _ in range(K)]
+    for head in heads:
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([1e4, 0.0, 0.0, 0.0, 0.0]))
+    model = EarlyExitModel([nn.Identity()] * K, heads, backend="torch").eval()
+    val = ExitOutputs(torch.stack(model.all_exits(torch.randn(40, D))), torch.zeros(40, dtype=torch.long), [1.0, 2.0, 3.0])
+    for name in ("maxprob", "entropy", "eenet"):
+        options = {"epochs": 2, "progress": False} if name == "eenet" else {}
+        model.calibrate(val, 1.5, name, **options)
+        result = model(torch.randn(9, D))
+        assert not result.nonfinite.any() and (result.predictions == 0).all()
+        assert result.exits.tolist() == [0] * 9

@@ -1,8 +1,5 @@
-"""The Triton kernels against their PyTorch references, and the triton backend against the torch one.
-
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1
-before anything defines a kernel); every test uses small grids there.
-"""
+"""The fused exit-decision kernel (``eenet_fast.kernels.exit_decision``) against its PyTorch
+reference (``eenet_fast.decision.decide_reference``), and the reference against the policies."""
 
 import math
 
@@ -11,29 +8,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from eenet_fast import make_policy  # noqa: E402
-from eenet_fast.compaction import compact_reference, write_exited_reference  # noqa: E402
-from eenet_fast.decision import Decision, ScoreHeadParams, decide_reference  # noqa: E402
-from eenet_fast.kernels import compaction as compaction_kernels  # noqa: E402
-from eenet_fast.kernels import exit_decision as decision_kernels  # noqa: E402
-from eenet_fast.kernels.compaction import compact, gather_kept, keep_positions, write_exited  # noqa: E402
-from eenet_fast.kernels.exit_decision import exit_decision  # noqa: E402
-from eenet_fast.outputs import ExitOutputs  # noqa: E402
-from eenet_fast.policies import ExitHistory  # noqa: E402
-from eenet_fast.backends import TorchBackend, TritonBackend, select_backend  # noqa: E402
-from eenet_fast.wrapping import wrap  # noqa: E402
-from eenet_fast.synthetic import make_synthetic_outputs  # noqa: E402
-from eenet_fast.zoo import MultiExitCNN  # noqa: E402
+from kernel_utils import DEVICE, DTYPES, gen  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from eenet_fast import make_policy  # noqa: E402
+from eenet_fast.decision import Decision, ScoreHeadParams, decide_reference  # noqa: E402
+from eenet_fast.kernels.exit_decision import exit_decision  # noqa: E402
+from eenet_fast.policies import ExitHistory  # noqa: E402
+from eenet_fast.synthetic import make_synthetic_outputs  # noqa: E402
+
 # Kernel and reference read the same logits and both work in float32, so the tolerance does not
 # depend on the logits' dtype: only the order of the float32 sums differs.
 TOL = {"rtol": 2e-5, "atol": 2e-5}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def random_head(num_classes: int, k: int, hidden: int, class_term: bool, seed: int = 0) -> ScoreHeadParams:
@@ -85,9 +70,6 @@ def check_decision(got: Decision, ref: Decision, threshold: float, last: bool = 
 
 def middle_threshold(scores: torch.Tensor) -> float:
     return float(scores.median()) + 1e-3 if scores.numel() else 0.0
-
-
-# ----------------------------------------------------------------------------- the decision
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7, 128, 1000])
@@ -236,18 +218,6 @@ def test_decision_errors():
         ScoreHeadParams(None, torch.zeros(3), torch.zeros(4, 2), torch.zeros(4), torch.zeros(4))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of CPU tensors outside the interpreter")
-def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(decision_kernels, "INTERPRET", False)
-    monkeypatch.setattr(compaction_kernels, "INTERPRET", False)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        exit_decision(random_logits(2, 3), ScoreHeadParams.select(0), torch.empty(2, 0), 0.0)
-    with pytest.raises(ValueError, match="need CUDA tensors"):
-        compact(torch.ones(2, dtype=torch.bool), torch.zeros(2))
-    with pytest.raises(RuntimeError, match="backend='triton' is not available.*CUDA"):
-        select_backend("triton", torch.device("cpu"))
-
-
 # -------------------------------------------------------------- the reference and the policies
 
 
@@ -293,154 +263,3 @@ def test_score_heads_on_a_device_are_built_once_and_again_after_a_refit():
     policy.fit(val, 0.8)
     assert policy.score_head_on(1, cpu) is not head
     assert torch.equal(policy.score_head_on(1, cpu).class_weight, policy.score_head(1).class_weight)
-
-
-# ------------------------------------------------------------------------------ compaction
-
-
-def per_sample_tensors(batch: int) -> list[torch.Tensor]:
-    g = gen(batch)
-    return [
-        torch.randn(batch, 3, 5, 5, generator=g).half(),
-        torch.randint(-(2**40), 2**40, (batch, 7), generator=g),
-        torch.randn(batch, 4, 6, 6, generator=g).to(memory_format=torch.channels_last),
-        torch.rand(batch, generator=g) > 0.5,
-        torch.arange(batch),
-        torch.randn(batch, 0),
-        torch.randn(batch, 6, generator=g)[:, ::2],  # rows not dense: made contiguous
-        torch.randn(2 * batch, 5, generator=g)[::2],  # dense rows 10 elements apart
-        torch.randn(batch, 2, generator=g).bfloat16(),
-    ]
-
-
-def keep_flags(batch: int, mode: str) -> torch.Tensor:
-    if mode == "all":
-        return torch.ones(batch, dtype=torch.bool)
-    if mode == "none":
-        return torch.zeros(batch, dtype=torch.bool)
-    return torch.rand(batch, generator=gen(batch + 1)) > 0.5
-
-
-@pytest.mark.parametrize("batch", [0, 1, 7, 128, 1000])
-@pytest.mark.parametrize("mode", ["all", "none", "random"])
-def test_compact_matches_index_select(batch, mode):
-    keep = keep_flags(batch, mode).to(DEVICE)
-    tensors = [t.to(DEVICE) for t in per_sample_tensors(batch)]
-    got = compact(keep, *tensors)
-    ref = compact_reference(keep, *tensors)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert g.dtype == r.dtype and g.shape == r.shape and torch.equal(g, r)
-    assert got[2].is_contiguous(memory_format=torch.channels_last)
-    positions, count = keep_positions(keep)
-    assert count == int(keep.sum()) and positions.shape == (batch,)
-
-
-def test_gather_reuses_positions_and_checks_its_inputs():
-    keep = keep_flags(50, "random").to(DEVICE)
-    x = torch.randn(50, 3, device=DEVICE)
-    positions, count = keep_positions(keep)
-    torch.testing.assert_close(gather_kept(x, keep, positions, count), x[keep], rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"\[B\] bool"):
-        compact(keep.long(), x)
-    with pytest.raises(ValueError, match="batch \\(50\\) first"):
-        compact(keep, x[:49])
-    with pytest.raises(TypeError, match="1, 2, 4 or 8 bytes"):
-        compact(keep, torch.zeros(50, dtype=torch.complex128, device=DEVICE))
-
-
-@pytest.mark.parametrize("batch", [0, 1, 7, 128, 1000])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_write_exited_matches_reference(batch, dtype):
-    g = gen(batch)
-    total, num_classes = batch + 13, 10
-    ids = torch.randperm(total, generator=g)[:batch]
-    logits = torch.randn(batch, num_classes + 4, generator=g).to(dtype)[:, 2 : 2 + num_classes]
-    leave = torch.rand(batch, generator=g) > 0.5
-    nonfinite = torch.rand(batch, generator=g) > 0.8
-    prediction = torch.randint(num_classes, (batch,), generator=g)
-    outs = [
-        torch.full((total, num_classes), math.nan, dtype=dtype),
-        torch.full((total,), -7, dtype=torch.long),
-        torch.full((total,), -7, dtype=torch.long),
-        torch.rand(total, generator=g) > 0.7,
-    ]
-    inputs = [t.to(DEVICE) for t in (leave, ids, logits, prediction, nonfinite)]
-    got = [t.to(DEVICE) for t in outs]
-    ref = [t.to(DEVICE) for t in outs]
-    write_exited(*inputs, 2, *got)
-    write_exited_reference(*inputs, 2, *ref)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-
-
-# ----------------------------------------------------------------------------- the runtime
-
-
-def tensors_equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
-    return type(a) is type(b) and len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
-
-
-@pytest.mark.parametrize("mode", ["all", "none", "random"])
-def test_backends_compact_nested_state_alike(mode):
-    batch = 40
-    g = gen(3)
-    keep = keep_flags(batch, mode).to(DEVICE)
-    state = {
-        "h": torch.randn(batch, 4, 3, 3, generator=g).half().to(memory_format=torch.channels_last),
-        "pair": (torch.randint(9, (batch, 2), generator=g), torch.randn(batch, generator=g)),
-        "scale": torch.tensor(2.0),
-    }
-    state = {"h": state["h"].to(DEVICE), "pair": tuple(t.to(DEVICE) for t in state["pair"]), "scale": state["scale"]}
-    extra = (torch.arange(batch, device=DEVICE), torch.rand(batch, 2, device=DEVICE))
-    assert tensors_equal(TritonBackend.compact(keep, state, *extra), TorchBackend.compact(keep, state, *extra))
-
-
-def test_backend_selection():
-    assert select_backend("torch", DEVICE) is TorchBackend
-    assert select_backend("triton", DEVICE) is TritonBackend
-    assert select_backend("auto", DEVICE) is (TritonBackend if DEVICE.type == "cuda" else TorchBackend)
-    with pytest.raises(ValueError, match="unknown backend"):
-        select_backend("cuda", DEVICE)
-
-
-@pytest.fixture(scope="module")
-def cnn_pair():
-    """The same MultiExitCNN behind the torch and the triton backend."""
-    torch.manual_seed(0)
-    net = MultiExitCNN(widths=(4, 8, 8)).eval().to(DEVICE)
-    return wrap(net, backend="torch").eval(), wrap(net, backend="triton").eval()
-
-
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("eenet", {"hidden": 16, "epochs": 2, "progress": False}),
-        ("maxprob", {}),
-        ("entropy", {}),
-        ("patience", {}),
-        ("search", {"rounds": 1, "samples": 4}),
-    ],
-)
-def test_triton_backend_matches_torch_backend(cnn_pair, name, options):
-    torch_model, triton_model = cnn_pair
-    g = gen(21)
-    x_val = torch.randn(96, 1, 28, 28, generator=g).mul(3).to(DEVICE)
-    outputs = ExitOutputs(
-        torch.stack(torch_model.all_exits(x_val)).cpu(), torch.randint(10, (96,), generator=g), [1.0, 2.0, 3.0]
-    )
-    torch_model.policy = triton_model.policy = make_policy(name, **options).fit(outputs, 1.8)
-    x = torch.randn(50, 1, 28, 28, generator=g).mul(3).to(DEVICE)
-    x[3] = math.nan
-    ref, got = torch_model(x), triton_model(x)
-    assert torch.equal(got.exits, ref.exits)
-    assert torch.equal(got.nonfinite, ref.nonfinite) and got.nonfinite.tolist() == [i == 3 for i in range(50)]
-    finite = ~ref.nonfinite
-    torch.testing.assert_close(got.logits[finite], ref.logits[finite], rtol=0, atol=0)
-    assert torch.equal(got.predictions[finite], ref.predictions[finite])
-    assert got.exits[3] == 2
-    assert triton_model(x[:0]).exits.shape == (0,)

@@ -1,0 +1,62 @@
+"""calibrate() and collect(): costs, the policy installed, the surprises a user met."""
+
+import pytest
+import torch
+from model_utils import C, D, mlp_model
+
+from eenet_fast.outputs import ExitOutputs
+from eenet_fast.wrapping import wrap
+from eenet_fast.zoo import MultiExitCNN
+
+
+def test_oracle_cannot_be_installed():
+    model = mlp_model()
+    outputs = ExitOutputs(torch.stack(model.all_exits(torch.randn(20, D))), torch.randint(C, (20,)), [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="needs labels at inference"):
+        model.calibrate(outputs, 2.0, policy="oracle")
+
+
+def test_latency_calibration_times_the_stages_at_the_batch_sizes_they_see():
+    model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
+    with pytest.raises(ValueError, match="needs example="):
+        model.calibrate(outputs, "0.97x", "maxprob", costs="latency")
+    policy = model.calibrate(outputs, "0.97x", "maxprob", costs="latency", example=x[:32])
+    costs = policy.costs.tolist()
+    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert model(x).exits.shape == (64,)
+
+
+def _loader(model, n=96, batch=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    y = torch.randint(C, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def test_a_generator_is_read_once_and_progress_false_reaches_a_policy_without_a_bar():
+    model = mlp_model()
+    batches = _loader(model)
+    policy = model.calibrate((b for b in batches), "0.6x", "maxprob", costs=[1.0, 2.0, 3.0], progress=False)
+    assert policy.budget == pytest.approx(1.8)  # a fraction of the last exit's cost
+    assert model.policy is policy
+    assert model.calibrate(iter(batches), 2.0, "eenet", costs=[1.0, 2.0, 3.0], progress=False, epochs=1).budget == 2.0
+
+
+def test_cached_outputs_keep_their_costs_unless_told_and_latency_needs_an_example():
+    model = mlp_model()
+    outputs = model.collect(_loader(model), progress=False, costs=[1.0, 2.0, 4.0])
+    assert model.calibrate(outputs, 2.0, "maxprob").costs.tolist() == [1.0, 2.0, 4.0]
+    assert model.calibrate(outputs, 2.0, "maxprob", costs=[1.0, 3.0, 5.0]).costs.tolist() == [1.0, 3.0, 5.0]
+    with pytest.raises(ValueError, match="needs example="):
+        model.calibrate(outputs, 0.5, "maxprob", costs="flops")
+    with pytest.raises(ValueError, match="hold no costs"):
+        model.calibrate(ExitOutputs(outputs.logits, outputs.labels), 0.5, "maxprob")
+
+
+def test_an_unreachable_budget_names_the_smallest_reachable_one():
+    model = mlp_model()
+    with pytest.raises(ValueError, match="smallest feasible budget is 1"):
+        model.calibrate(_loader(model), 0.5, "maxprob", costs=[1.0, 2.0, 3.0], progress=False)
