@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eenet_fast.kernels.exit_decision import INTERPRET
+from eenet_fast.kernels.exit_decision import INTERPRET, warps_for
 
 __all__ = ["keep_positions", "gather_kept", "compact", "write_exited"]
 
@@ -149,7 +149,7 @@ def gather_kept(t: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, co
     grid = (triton.cdiv(batch, block_b), triton.cdiv(row_numel, block_n))
     _gather_kept_kernel[grid](
         t.view(word), t.stride(0), out.view(word), keep.view(torch.uint8), positions, batch, row_numel,
-        BLOCK_B=block_b, BLOCK_N=block_n,
+        BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps_for(block_b * block_n),
     )  # fmt: skip
     return out
 
@@ -211,5 +211,5 @@ def write_exited(
         prediction.contiguous(), logits, logits.stride(0), logits.stride(1),
         out_logits, out_logits.stride(0), out_logits.stride(1), out_predictions, out_exits,
         out_nonfinite.view(torch.uint8), exit_index, batch, logits.shape[1],
-        BLOCK_B=block_b, BLOCK_C=block_c,
+        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=warps_for(block_b * block_c),
     )  # fmt: skip

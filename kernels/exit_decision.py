@@ -135,6 +135,12 @@ def _tiles(batch: int, num_classes: int) -> tuple[int, int]:
     return block_b, block_c
 
 
+def warps_for(tile: int) -> int:
+    """Warps for a program over ``tile`` elements: 4 up to 2048, 8 above. On 4 warps, tiles of 4096
+    (32 elements a thread) spilled on sm_90 (``python bench/compile_kernels.py``)."""
+    return 4 if tile <= 2048 else 8
+
+
 def _check_out(out: Decision, batch: int, device: torch.device) -> None:
     expected = {"score": torch.float32, "prediction": torch.int64, "leave": torch.bool, "nonfinite": torch.bool}
     for name, dtype in expected.items():
@@ -210,6 +216,6 @@ def exit_decision(
         batch, num_classes, math.log(num_classes), float(threshold), head.mlp_width,
         NUM_INPUTS=head.num_inputs, HAS_CLASS=head.class_weight is not None, HAS_HIDDEN=head.mlp_width > 0,
         BLOCK_H=max(16, triton.next_power_of_2(head.mlp_width)), LAST=bool(last),
-        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=4 if block_b * block_c <= 4096 else 8,
+        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=warps_for(block_b * block_c),
     )  # fmt: skip
     return out
