@@ -55,9 +55,12 @@ def write_exited_reference(
         out_logits: ``[N, C]``; out_predictions, out_exits: ``[N]`` int64; out_nonfinite: ``[N]`` bool.
             Rows of leaving samples are overwritten (logits cast to ``out_logits``' dtype);
             ``out_nonfinite`` is set for every nonfinite row, leaving or not.
+
+    Every row in ``ids`` is rewritten (the staying ones with their own values), so no shape depends
+    on the data: no host synchronisation, and no graph break under ``torch.compile``.
     """
-    out_nonfinite.index_fill_(0, ids[nonfinite], True)
-    leaving = ids[leave]
-    out_logits.index_copy_(0, leaving, logits[leave].to(out_logits.dtype))
-    out_exits.index_fill_(0, leaving, exit_index)
-    out_predictions.index_copy_(0, leaving, prediction[leave])
+    stay = ~leave
+    out_nonfinite.index_copy_(0, ids, out_nonfinite[ids] | nonfinite)
+    out_logits.index_copy_(0, ids, torch.where(stay[:, None], out_logits[ids], logits.to(out_logits.dtype)))
+    out_exits.index_copy_(0, ids, out_exits[ids].masked_fill(leave, exit_index))
+    out_predictions.index_copy_(0, ids, torch.where(stay, out_predictions[ids], prediction))
