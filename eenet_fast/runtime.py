@@ -141,13 +141,15 @@ class EarlyExitModel(nn.Module):
     # ------------------------------------------------------------ inference
     @torch.compiler.disable(recursive=False)  # the loop stays Python; torch.compile compiles each _exit
     @torch.no_grad()
-    def forward(self, x: Any = None, /, **inputs: Any) -> ExitResult:
+    def forward(self, x: Any = None, **inputs: Any) -> ExitResult:
         """Adaptive inference on a batch: a tensor or a tuple/dict of tensors with the batch first,
         given as one argument (``model(x)``, ``model(enc)``) or as keywords (``model(**enc)`` for a
         tokenizer's output, as Hugging Face pipelines call models).
 
         Under ``torch.compile(model)`` each exit (:meth:`_exit`) is one graph and the compaction
-        between exits runs eagerly: its output size is the kept count, read on the host.
+        between exits runs eagerly: its output size is the kept count, read on the host. Each exit
+        is a recompilation of :meth:`_exit`: beyond two exits, raise
+        ``torch._dynamo.config.recompile_limit`` to about 4 per exit (or use :meth:`compile_stages`).
 
         Returns:
             :class:`ExitResult` for the ``B`` samples, in input order.
