@@ -59,9 +59,13 @@ def export_onnx(model: EarlyExitModel, example_input: torch.Tensor, directory: s
     """
     model.require_eval("export")
     policy = model.policy
-    heads = [policy.score_head(k) for k in range(model.num_exits)] if policy is not None else []
-    if policy is None or any(head is None for head in heads):
+    score_heads = [policy.score_head(k) for k in range(model.num_exits)] if policy is not None else []
+    if policy is None or any(head is None for head in score_heads):
         raise ValueError("export_onnx needs a calibrated policy with score heads (maxprob, entropy, search or eenet)")
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter)
+    except ImportError:
+        raise ImportError("export_onnx needs onnx and onnxscript: pip install 'eenet-fast[export]'") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths, state = [], example_input
@@ -79,8 +83,9 @@ def export_onnx(model: EarlyExitModel, example_input: torch.Tensor, directory: s
         )  # fmt: skip
         state = stage(state)
     tensors = {"thresholds": policy.thresholds.float().contiguous()}
-    for k, head in enumerate(heads):
-        tensors.update({f"{k}.{name}": getattr(head, name).contiguous() for name in _HEAD_FIELDS if getattr(head, name) is not None})
+    for k, score_head in enumerate(score_heads):
+        fields = {name: getattr(score_head, name) for name in _HEAD_FIELDS}
+        tensors.update({f"{k}.{name}": t.contiguous() for name, t in fields.items() if t is not None})
     paths.append(directory / "decision.safetensors")
     save_file({name: t.cpu() for name, t in tensors.items()}, str(paths[-1]), metadata={"policy": policy.name})
     return paths

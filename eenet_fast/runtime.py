@@ -244,7 +244,8 @@ class _Results:
         """Write the rows leaving at exit ``k`` (``backend.write_exited``)."""
         if self.logits is None:
             self.logits = logits.new_empty(self.exits.shape[0], logits.shape[1])
-        backend.write_exited(leave, ids, logits, prediction, nonfinite, k, self.logits, self.predictions, self.exits, self.nonfinite)
+        backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
+                             self.logits, self.predictions, self.exits, self.nonfinite)
 
     def result(self, num_classes: int) -> ExitResult:
         logits = self.logits if self.logits is not None else torch.empty(0, num_classes, device=self.exits.device)

@@ -177,8 +177,10 @@ def tiny_bert_and_tokenizer(tmp_path):
 
 
 def sentences(n, seed=0):
+    """``n`` random sentences of 2 to 8 words."""
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)) for _ in range(n)]
+    lengths = torch.randint(2, 9, (n,), generator=g).tolist()
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (length,), generator=g)) for length in lengths]
 
 
 @pytest.mark.transformers
