@@ -55,6 +55,7 @@ class TorchBackend:
     write_exited = staticmethod(write_exited_reference)
 
     @staticmethod
+    @torch.compiler.disable  # the output size is the kept count, read on the host: eager under torch.compile
     def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
         return compact_state(compact_reference, keep, state, *per_sample)
@@ -90,6 +91,7 @@ class TritonBackend:
         write_exited(*args)
 
     @staticmethod
+    @torch.compiler.disable  # the output size is the kept count, read on the host: eager under torch.compile
     def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
         from eenet_fast.kernels.compaction import compact
@@ -115,8 +117,9 @@ def select_backend(name: str, device: torch.device) -> type[TorchBackend] | type
     """The backend class for ``name`` (``"auto"``, ``"torch"`` or ``"triton"``) on ``device``."""
     if name == "torch":
         return TorchBackend
-    if name == "auto":
-        return TritonBackend if device.type == "cuda" and triton_unavailable(device) is None else TorchBackend
+    if name == "auto":  # under torch.compile, the plain decision: inductor fuses it, the kernels would break the graph
+        fused = device.type == "cuda" and not torch.compiler.is_compiling() and triton_unavailable(device) is None
+        return TritonBackend if fused else TorchBackend
     if name == "triton":
         reason = triton_unavailable(device)
         if reason is not None:

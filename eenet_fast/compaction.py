@@ -55,7 +55,18 @@ def write_exited_reference(
         out_logits: ``[N, C]``; out_predictions, out_exits: ``[N]`` int64; out_nonfinite: ``[N]`` bool.
             Rows of leaving samples are overwritten (logits cast to ``out_logits``' dtype);
             ``out_nonfinite`` is set for every nonfinite row, leaving or not.
+
+    Eagerly, only the leaving rows are indexed. Under ``torch.compile`` every row in ``ids`` is
+    rewritten instead (the staying ones with their own values), so that no shape in the graph
+    depends on the data; both give the same outputs, and eagerly the indexing is the cheaper.
     """
+    if torch.compiler.is_compiling():
+        stay = ~leave
+        out_nonfinite.index_copy_(0, ids, out_nonfinite[ids] | nonfinite)
+        out_logits.index_copy_(0, ids, torch.where(stay[:, None], out_logits[ids], logits.to(out_logits.dtype)))
+        out_exits.index_copy_(0, ids, out_exits[ids].masked_fill(leave, exit_index))
+        out_predictions.index_copy_(0, ids, torch.where(stay, out_predictions[ids], prediction))
+        return
     out_nonfinite.index_fill_(0, ids[nonfinite], True)
     leaving = ids[leave]
     out_logits.index_copy_(0, leaving, logits[leave].to(out_logits.dtype))

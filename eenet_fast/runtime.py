@@ -6,7 +6,7 @@ The data path of :meth:`EarlyExitModel.forward`, for each exit ``k`` in order::
     logits = heads[k](state)
     q, leave = backend.decide(policy, k, logits, history)
     backend.write_exited(...)                 # the leaving rows' logits, prediction, exit index
-    state, ids, history = backend.compact(~leave, state, ids, history)
+    state, ids, history = backend.compact(~leave, state, ids, history)   # not after the last exit
 
 Every per-sample tensor (activations, tuple/dict entries with the batch first, sample ids, earlier
 scores and predictions) is compacted together, so a sample's result never depends on which batch
@@ -14,12 +14,18 @@ it came in, and no sample is dropped, duplicated or reordered. The backends are 
 :mod:`eenet_fast.backends`; calibration in :mod:`eenet_fast.calibration`; costs in
 :mod:`eenet_fast.costs`; the policy file in :mod:`eenet_fast.persist`; :func:`eenet_fast.wrap`
 builds an :class:`EarlyExitModel` from a model.
+
+Under ``torch.compile(model)`` each exit's stage, head, decision and writes are one graph
+(:meth:`EarlyExitModel._exit`; there the writes rewrite every running row, so no shape in the
+graph depends on the data), and the compaction between exits runs eagerly: its output size is the kept count, read
+on the host, the one graph break per exit. :meth:`EarlyExitModel.compile_stages` compiles the
+stages and heads alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +45,11 @@ __all__ = ["ExitResult", "EarlyExitModel"]
 
 
 @dataclass(frozen=True)
-class ExitResult:
+class ExitResult(dict):
     """Result of adaptive inference on a batch of ``B`` samples, in input order.
+
+    Read it by attribute (``out.logits``) or by key (``out["logits"]``): it is also a read-only
+    ``dict`` of its fields, as Hugging Face pipelines read model outputs (and move them to the CPU).
 
     Attributes:
         logits: ``[B, C]`` logits of the exit each sample left at (the heads' dtype).
@@ -54,6 +63,17 @@ class ExitResult:
     exits: torch.Tensor
     nonfinite: torch.Tensor
 
+    def __post_init__(self) -> None:
+        dict.update(self, {f.name: getattr(self, f.name) for f in fields(self)})
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("ExitResult is read-only; build a new one with dataclasses.replace(result, ...)")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
+
 
 class EarlyExitModel(nn.Module):
     """A multi-exit model whose forward runs adaptive inference.
@@ -65,6 +85,11 @@ class EarlyExitModel(nn.Module):
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``triton`` on CUDA tensors when available).
         new_heads: indices of the heads that :func:`wrap` added to a trained model (empty when the
             heads came with the model): :func:`fit_exits` trains only these by default.
+
+    Attributes:
+        config: the wrapped model's configuration (a Hugging Face ``PretrainedConfig``: labels,
+            problem type), which :func:`wrap` keeps so that a ``transformers`` pipeline takes the
+            model; ``None`` for other models.
     """
 
     def __init__(
@@ -84,6 +109,7 @@ class EarlyExitModel(nn.Module):
         if any(not 0 <= k < len(heads) for k in self.new_heads):
             raise ValueError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
         self.policy: Policy | None = None
+        self.config: Any = None
 
     @property
     def num_exits(self) -> int:
@@ -113,13 +139,22 @@ class EarlyExitModel(nn.Module):
         return calibrate(self, val, budget, policy, costs, **options)
 
     # ------------------------------------------------------------ inference
+    @torch.compiler.disable(recursive=False)  # the loop stays Python; torch.compile compiles each _exit
     @torch.no_grad()
-    def forward(self, x: Any) -> ExitResult:
-        """Adaptive inference on a batch (tensor or tuple/dict of tensors with the batch first).
+    def forward(self, x: Any = None, **inputs: Any) -> ExitResult:
+        """Adaptive inference on a batch: a tensor or a tuple/dict of tensors with the batch first,
+        given as one argument (``model(x)``, ``model(enc)``) or as keywords (``model(**enc)`` for a
+        tokenizer's output, as Hugging Face pipelines call models).
+
+        Under ``torch.compile(model)`` each exit (:meth:`_exit`) is one graph and the compaction
+        between exits runs eagerly: its output size is the kept count, read on the host. Each exit
+        is a recompilation of :meth:`_exit`: beyond two exits, raise
+        ``torch._dynamo.config.recompile_limit`` to about 4 per exit (or use :meth:`compile_stages`).
 
         Returns:
             :class:`ExitResult` for the ``B`` samples, in input order.
         """
+        x = _one_batch(x, inputs)
         self.require_eval("run adaptive inference")
         policy = self.policy  # one policy decides the whole batch, even if another thread swaps it
         if policy is None:
@@ -127,30 +162,37 @@ class EarlyExitModel(nn.Module):
         device = self.device
         backend = select_backend(self.backend, device)
         batch = batch_size(x)
-        ids = torch.arange(batch, device=device)
-        history = ExitHistory.empty(batch, device)
-        out_logits: torch.Tensor | None = None
-        out_exits = torch.full((batch,), -1, dtype=torch.long, device=device)
-        out_predictions = torch.full((batch,), -1, dtype=torch.long, device=device)
-        out_nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
-        state = x
-        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
+        state, (ids, history, out) = x, _start(batch, device)
+        for k in range(self.num_exits):
             if ids.numel() == 0:
                 break
-            state = stage(state)
-            logits = head(state)
-            if out_logits is None:
-                out_logits = logits.new_empty(batch, logits.shape[1])
-            q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1)
-            backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
-                                 out_logits, out_predictions, out_exits, out_nonfinite)
-            history = history.extend(q, prediction)
-            keep = ~leave
-            state, ids, scores, predictions = backend.compact(keep, state, ids, history.scores, history.predictions)
-            history = ExitHistory(scores, predictions)
-        if out_logits is None:  # empty batch: no head ran
-            out_logits = torch.empty(0, policy.num_classes, device=device)
-        return ExitResult(out_logits, out_predictions, out_exits, out_nonfinite)
+            state, leave, history = self._exit(k, state, ids, history, policy, out)
+            if k < self.num_exits - 1:
+                state, ids, scores, predictions = backend.compact(~leave, state, ids, history.scores, history.predictions)
+                history = ExitHistory(scores, predictions)
+        return out.result(policy.num_classes)
+
+    def _exit(
+        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, out: "_Results"
+    ) -> tuple[Any, torch.Tensor, ExitHistory]:
+        """Exit ``k`` on the running rows (sample ids ``ids [B]``): stage, head, decision, and the
+        leaving rows' results written to ``out``. Returns the stage output, ``leave [B]`` bool and
+        the history with this exit's scores and predictions."""
+        state = self.stages[k](state)
+        logits = self.heads[k](state)
+        backend = select_backend(self.backend, logits.device)  # under torch.compile, "auto" is "torch"
+        q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1)
+        out.write(backend, k, leave, ids, logits, prediction, nonfinite)
+        return state, leave, history.extend(q, prediction)
+
+    def compile_stages(self, **compile_kwargs: Any) -> "EarlyExitModel":
+        """``torch.compile`` every stage and head, not the data path between them; ``compile_kwargs``
+        go to ``torch.compile`` (``mode=``, ``dynamic=``, ``backend=``). Their parameter names gain
+        ``torch.compile``'s ``_orig_mod.``; saved policies load either way. Returns the model."""
+        for modules in (self.stages, self.heads):
+            for k, module in enumerate(modules):
+                modules[k] = torch.compile(module, **compile_kwargs)
+        return self
 
     # ------------------------------------------------- the policy file (eenet_fast.persist)
     def save_policy(self, path: str | Path) -> None:
@@ -179,3 +221,44 @@ class EarlyExitModel(nn.Module):
                 f"cannot {what} in training mode: BatchNorm and dropout would make a sample's result depend "
                 "on its batch. Call model.eval() first (use all_exits(x) to train)"
             )
+
+
+@torch.compiler.disable  # allocations only: no graph of their own under torch.compile
+def _start(batch: int, device: torch.device) -> tuple[torch.Tensor, ExitHistory, "_Results"]:
+    """The sample ids ``[B]``, the empty history and the outputs of a batch of ``batch`` samples."""
+    return torch.arange(batch, device=device), ExitHistory.empty(batch, device), _Results(batch, device)
+
+
+class _Results:
+    """The outputs of :meth:`EarlyExitModel.forward` for ``batch`` samples, in input order, while
+    the exits write their leaving rows into them."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.logits: torch.Tensor | None = None  # [B, C] in the heads' dtype, allocated at the first exit
+        self.predictions = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.exits = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def write(self, backend: Any, k: int, leave: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor,
+              prediction: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """Write the rows leaving at exit ``k`` (``backend.write_exited``)."""
+        if self.logits is None:
+            self.logits = logits.new_empty(self.exits.shape[0], logits.shape[1])
+        backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
+                             self.logits, self.predictions, self.exits, self.nonfinite)
+
+    def result(self, num_classes: int) -> ExitResult:
+        logits = self.logits if self.logits is not None else torch.empty(0, num_classes, device=self.exits.device)
+        return ExitResult(logits, self.predictions, self.exits, self.nonfinite)
+
+
+def _one_batch(x: Any, inputs: dict[str, Any]) -> Any:
+    """The batch given to :meth:`EarlyExitModel.forward`: ``x``, or the keywords as one dict."""
+    if inputs and x is not None:
+        raise TypeError(
+            f"give the batch either as one argument, model(x), or as keywords, model(**batch), not both "
+            f"(got x and {sorted(inputs)})"
+        )
+    if x is None and not inputs:
+        raise TypeError("no input: call model(x) with a batch, or model(**batch) with a tokenizer's output")
+    return dict(inputs) if inputs else x

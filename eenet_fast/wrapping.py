@@ -40,8 +40,15 @@ def wrap(
       for ``example_input`` (e.g. :func:`~eenet_fast.heads.pooled_linear_head`). When the sequential already ends in
       the classifier, give ``nn.Identity()`` as the last head.
 
-    The wrapped model shares its parameters with ``model`` and keeps its train/eval mode.
+    The wrapped model shares its parameters with ``model`` and keeps its train/eval mode and its
+    ``config`` (so ``pipeline("text-classification", model=wrap(bert), tokenizer=tok)`` works).
     """
+    out = _wrap(model, exits_after, heads, example_input, backend)
+    out.config = getattr(model, "config", None)
+    return out
+
+
+def _wrap(model: nn.Module, exits_after: Sequence[int] | None, heads: Any, example_input: Any, backend: Backend) -> EarlyExitModel:
     if isinstance(getattr(model, "stages", None), nn.ModuleList) and isinstance(getattr(model, "heads", None), nn.ModuleList):
         if exits_after is not None or heads is not None:
             raise ValueError("this model already has stages and heads; do not pass exits_after or heads")
