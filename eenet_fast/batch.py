@@ -20,7 +20,7 @@ import torch
 
 from eenet_fast.errors import InputError
 
-__all__ = ["Shared", "map_batch", "batch_size", "move_to"]
+__all__ = ["Shared", "map_batch", "batch_size", "move_to", "describe"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,3 +83,21 @@ def move_to(x: Any, device: torch.device | str) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(move_to(v, device) for v in x)
     return x
+
+
+def describe(x: Any) -> str:
+    """What ``x`` holds, for error messages: every tensor's dtype, shape and device, in ``x``'s structure."""
+
+    def inner(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} on {value.device}"
+        if isinstance(value, Shared):
+            return f"Shared({inner(value.value)})"
+        if isinstance(value, Mapping):
+            return "{" + ", ".join(f"{key!r}: {inner(v)}" for key, v in value.items()) + "}"
+        if isinstance(value, (tuple, list)):
+            return "(" + ", ".join(inner(v) for v in value) + ")"
+        return type(value).__name__
+
+    kind = "tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+    return f"a {kind} {inner(x)}"
