@@ -9,9 +9,9 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from eenet_fast.errors import InputError, PolicyError
+from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
 from eenet_fast.policies.base import average_cost
 
 __all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
@@ -142,6 +142,10 @@ def compare(
     """
     policies = list(policies)
     check_pair(val, test, policies)
+    if not budgets:
+        raise BudgetError("no budget given: give at least one average cost (or a fraction such as '0.5x')")
+    for budget in budgets:  # every budget checked before the first policy is fitted
+        resolve_budget(budget, val.costs)
     policy_options = policy_options or {}
     jobs = [(name, budget) for name in policies for budget in budgets]
     results = []

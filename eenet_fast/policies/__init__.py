@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from eenet_fast.errors import PolicyError
-from eenet_fast.policies.base import ExitHistory, Policy, assign_exits, resolve_budget
+from eenet_fast.policies.base import ExitHistory, Policy, assign_exits, parse_budget, resolve_budget
 from eenet_fast.policies.baselines import (
     EntropyPolicy,
     MaxProbPolicy,
@@ -23,6 +23,7 @@ __all__ = [
     "ExitHistory",
     "assign_exits",
     "resolve_budget",
+    "parse_budget",
     "EENetPolicy",
     "MaxProbPolicy",
     "EntropyPolicy",
