@@ -86,7 +86,9 @@ def read_arrays(path: str | Path, valid: str) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".pt", ".pth"):
         raise _refuse(path, f"has an unknown suffix {path.suffix!r}: use .npz or .pt", valid)
-    if suffix == ".npz" or zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older torch files are plain pickles
+    if suffix == ".npz" or zipped:
         _check_zip(path, valid)
     try:
         if suffix == ".npz":
