@@ -228,7 +228,7 @@ def _restored_heads(
     saved: dict[int, dict[str, torch.Tensor]] = {}
     for key in [k for k in tensors if k.startswith(HEAD_PREFIX)]:
         index, _, name = key[len(HEAD_PREFIX) :].partition(".")
-        if not index.isdigit() or not name:
+        if not (index.isascii() and index.isdigit()) or not name:
             raise FileFormatError(f"{path} holds a tensor {key!r}, not named head.<exit>.<weight>; {RESAVE}")
         saved.setdefault(int(index), {})[name] = tensors.pop(key)
     trial = copy.deepcopy(heads)

@@ -174,7 +174,7 @@ class EarlyExitModel(nn.Module):
         device, so it becomes an :class:`InputError` saying what the input and the model hold."""
         try:
             return stage(x)
-        except EENetError:
+        except (EENetError, torch.cuda.OutOfMemoryError):
             raise
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
             param = next((p for p in stage.parameters() if p.is_floating_point()), None)
