@@ -15,7 +15,7 @@ from eenet_fast.batch import move_to
 from eenet_fast.costs import CostSpec, measure_costs
 from eenet_fast.errors import InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -99,7 +99,19 @@ def calibrate(
             with no costs at all; outputs of another number of exits.
         PolicyError: a policy that needs labels at inference, or bad policy options.
         BudgetError: a budget that cannot be read or met.
+
+    The policy, its options and the budget's syntax are checked before any output is collected.
     """
+    if isinstance(policy, str):
+        options = dict(policy_options)
+        if policy in POLICIES and "progress" in inspect.signature(POLICIES[policy]).parameters:
+            options.setdefault("progress", progress)
+        unfitted = make_policy(policy, **options)
+    else:
+        unfitted = policy
+    if not unfitted.deployable:
+        raise PolicyError(f"policy {unfitted.name!r} needs labels at inference and cannot run in a model")
+    parse_budget(budget, 1.0)  # the full cost is not known yet: this checks that the budget can be read
     if isinstance(val, ExitOutputs):
         outputs = val
         if isinstance(costs, str):
@@ -122,21 +134,12 @@ def calibrate(
         raise InputError(f"the outputs have {outputs.num_exits} exits but this model has {model.num_exits}")
 
     def fit(outputs: ExitOutputs) -> Policy:
-        if isinstance(policy, str):
-            options = dict(policy_options)
-            if policy in POLICIES and "progress" in inspect.signature(POLICIES[policy]).parameters:
-                options.setdefault("progress", progress)
-            unfitted = make_policy(policy, **options)
-        else:
-            unfitted = copy.deepcopy(policy)
-        return unfitted.fit(outputs, budget)
+        return copy.deepcopy(unfitted).fit(outputs, budget)
 
     fitted = fit(outputs)
     if costs == "latency":  # re-time each stage at the batch the policy lets reach it
         exits = fitted.assign(outputs)
         reach = [float((exits >= k).double().mean()) for k in range(model.num_exits)]
         fitted = fit(outputs.with_costs(measure_costs(model, "latency", example, reach)))
-    if not fitted.deployable:
-        raise PolicyError(f"policy {fitted.name!r} needs labels at inference and cannot run in a model")
     model.policy = fitted
     return fitted
