@@ -170,7 +170,7 @@ def measure_latency(model: EarlyExitModel, example: Any, reach: Sequence[float] 
             stage_time, state = timed(lambda: stage(state))
             full += stage_time
         full_times.append(full + timed(lambda: model.heads[-1](state))[0])
-        state = map_batch(lambda t: t[: counts[0]], x, batch)
+        state = map_batch(lambda t: t[: counts[0]], x, batch, "the example")
         for k, (stage, head) in enumerate(zip(model.stages, model.heads)):
             n = counts[k]
             stage_time, state = timed(lambda: stage(state))
