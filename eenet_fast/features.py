@@ -2,10 +2,10 @@
 
 For logits ``z`` of one exit, rows ``[N, C]``:
 
-* ``p = softmax(z)``, computed in float32 whatever the input dtype, after shifting each row by its
-  maximum in the input's precision (float64 logits of 1e40 stay finite) and clamping the shifted
-  values at float32's lowest (a class ``3e38`` below the best has ``p = 0`` and ``log p`` finite),
-  so every feature of a finite row is finite;
+* ``p = softmax(z)``, computed in float32 whatever the input dtype (float64 rows are first shifted
+  by their maximum, so logits of 1e40 stay finite); in the entropy, ``log p`` is clamped at
+  float32's lowest, so a class ``3e38`` below the best counts as ``p = 0``: every feature of a
+  finite row is finite;
 * ``m = max_c p_c``: the maximum score, in ``[1/C, 1]``;
 * ``e = 1 - H(p) / log C`` with ``H(p) = -sum_c p_c log p_c`` (``0 log 0 = 0``): the entropy
   confidence, 1 for a one-hot ``p`` and 0 for the uniform distribution;
@@ -57,16 +57,14 @@ def exit_features(logits: torch.Tensor) -> ExitFeatures:
     num_classes = logits.shape[1]
     if num_classes < 2:
         raise InputError(f"need at least 2 classes, got C={num_classes}")
-    log_probs = torch.log_softmax(_shifted(logits), dim=-1)
+    if logits.dtype == torch.float64:  # shift in float64: its rows may not fit float32
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     probs = log_probs.exp()
     max_score, prediction = probs.max(dim=-1)
-    entropy = -(probs * log_probs).sum(-1)  # p log p -> 0 as p -> 0, and tiny * log(tiny) == 0 in fp32
+    # p log p -> 0 as p -> 0: tiny * log(tiny) == 0 in fp32, and the clamp turns 0 * -inf (a class
+    # more than float32's range below the best) into 0 too
+    entropy = -(probs * log_probs.clamp_min(torch.finfo(torch.float32).min)).sum(-1)
     entropy_conf = 1.0 - entropy / math.log(num_classes)
     return ExitFeatures(probs, max_score, entropy_conf, prediction)
 
-
-def _shifted(logits: torch.Tensor) -> torch.Tensor:
-    """``z - max_c z`` per row as float32, at least float32's lowest value: the same softmax as ``z``
-    (for float32 rows bit for bit what ``log_softmax`` computes internally), finite for any finite row."""
-    wide = logits if logits.dtype == torch.float64 else logits.float()
-    return (wide - wide.amax(dim=-1, keepdim=True)).float().clamp_min(torch.finfo(torch.float32).min)
