@@ -6,6 +6,8 @@ outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The r
 :func:`wrap`, turns a multi-exit model into an :class:`EarlyExitModel` whose forward really stops.
 """
 
+from eenet_fast.batch import Shared
+from eenet_fast.errors import BudgetError, EENetError, FileFormatError, InputError, PolicyError
 from eenet_fast.evaluate import Evaluation, compare, evaluate
 from eenet_fast.calibration import calibrate, collect
 from eenet_fast.heads import TokenHead, conv_head, pooled_linear_head
@@ -37,4 +39,10 @@ __all__ = [
     "collect",
     "conv_head",
     "TokenHead",
+    "Shared",
+    "EENetError",
+    "InputError",
+    "FileFormatError",
+    "PolicyError",
+    "BudgetError",
 ]

@@ -15,6 +15,7 @@ import torch
 from eenet_fast.batch import map_batch
 from eenet_fast.compaction import compact_reference, write_exited_reference
 from eenet_fast.decision import exit_flags
+from eenet_fast.errors import InputError
 from eenet_fast.features import exit_features
 from eenet_fast.policies import ExitHistory, Policy
 
@@ -24,12 +25,17 @@ Backend = Literal["auto", "torch", "triton"]
 
 
 def compact_state(
-    compact: Callable[..., tuple[torch.Tensor, ...]], keep: torch.Tensor, state: Any, *per_sample: torch.Tensor
+    compact: Callable[..., tuple[torch.Tensor, ...]],
+    keep: torch.Tensor,
+    state: Any,
+    *per_sample: torch.Tensor,
+    where: str = "the stage's output",
 ) -> tuple[Any, ...]:
-    """Compact ``state`` (see :func:`map_batch`) and each per-sample tensor with one call of
-    ``compact(keep, *tensors)``, so the kept positions are counted once for all of them."""
+    """Compact ``state`` (every per-sample tensor in it, see :func:`map_batch`; ``where`` names it in
+    errors) and each tensor of ``per_sample`` with one call of ``compact(keep, *tensors)``, so the
+    kept positions are counted once for all of them."""
     batch, leaves = keep.shape[0], []
-    map_batch(lambda t: leaves.append(t) or t, state, batch)
+    map_batch(lambda t: leaves.append(t) or t, state, batch, where)
     kept = iter(compact(keep, *leaves, *per_sample))
     return (map_batch(lambda t: next(kept), state, batch), *kept)
 
@@ -56,9 +62,9 @@ class TorchBackend:
 
     @staticmethod
     @torch.compiler.disable  # the output size is the kept count, read on the host: eager under torch.compile
-    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
+    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor, where: str = "the stage's output") -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
-        return compact_state(compact_reference, keep, state, *per_sample)
+        return compact_state(compact_reference, keep, state, *per_sample, where=where)
 
 
 class TritonBackend:
@@ -92,11 +98,11 @@ class TritonBackend:
 
     @staticmethod
     @torch.compiler.disable  # the output size is the kept count, read on the host: eager under torch.compile
-    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor) -> tuple[Any, ...]:
+    def compact(keep: torch.Tensor, state: Any, *per_sample: torch.Tensor, where: str = "the stage's output") -> tuple[Any, ...]:
         """Gather the kept rows of ``state`` (any structure, see :func:`map_batch`) and of each tensor."""
         from eenet_fast.kernels.compaction import compact
 
-        return compact_state(compact, keep, state, *per_sample)
+        return compact_state(compact, keep, state, *per_sample, where=where)
 
 
 def triton_unavailable(device: torch.device) -> str | None:
@@ -125,4 +131,4 @@ def select_backend(name: str, device: torch.device) -> type[TorchBackend] | type
         if reason is not None:
             raise RuntimeError(f"backend='triton' is not available: {reason}; use backend='torch' (or 'auto')")
         return TritonBackend
-    raise ValueError(f"unknown backend {name!r}; choose 'auto', 'torch' or 'triton'")
+    raise InputError(f"unknown backend {name!r}; choose 'auto', 'torch' or 'triton'")

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from eenet_fast.batch import move_to
 from eenet_fast.costs import CostSpec, measure_costs
+from eenet_fast.errors import InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -45,7 +46,7 @@ def _collect(model: EarlyExitModel, loader: Iterable, progress: bool, costs: Seq
         if y is not None:
             labels.append(torch.as_tensor(y).cpu())
     if first is None:
-        raise ValueError("the loader gave no batches; nothing to collect")
+        raise InputError("the loader gave no batches; nothing to collect: give a loader of at least one batch")
     logits = torch.stack([torch.cat(c) for c in chunks])
     return ExitOutputs(logits, torch.cat(labels) if labels else None, costs), first
 
@@ -94,15 +95,28 @@ def calibrate(
         policy_options: passed to the policy's constructor.
 
     Raises:
-        ValueError: cached outputs with ``costs="flops"``/``"latency"`` and no ``example``, or
-            with no costs at all; outputs of another number of exits; a policy that needs labels
-            at inference.
+        InputError: cached outputs with ``costs="flops"``/``"latency"`` and no ``example``, or
+            with no costs at all; outputs of another number of exits.
+        PolicyError: a policy that needs labels at inference, or bad policy options.
+        BudgetError: a budget that cannot be read or met.
+
+    The policy, its options and the budget's syntax are checked before any output is collected.
     """
+    if isinstance(policy, str):
+        options = dict(policy_options)
+        if policy in POLICIES and "progress" in inspect.signature(POLICIES[policy]).parameters:
+            options.setdefault("progress", progress)
+        unfitted = make_policy(policy, **options)
+    else:
+        unfitted = policy
+    if not unfitted.deployable:
+        raise PolicyError(f"policy {unfitted.name!r} needs labels at inference and cannot run in a model")
+    parse_budget(budget, 1.0)  # the full cost is not known yet: this checks that the budget can be read
     if isinstance(val, ExitOutputs):
         outputs = val
         if isinstance(costs, str):
             if example is None:
-                raise ValueError(
+                raise InputError(
                     f"costs={costs!r} on cached outputs needs example=<a batch like those the model serves> to "
                     f"measure them with; or omit costs to use the outputs' own costs"
                 )
@@ -110,31 +124,22 @@ def calibrate(
         elif costs is not None:
             outputs = outputs.with_costs(costs)
         elif outputs.costs is None:
-            raise ValueError("the cached outputs hold no costs: give costs=[c1, ..., cK], or 'flops'/'latency' with example=")
+            raise InputError("the cached outputs hold no costs: give costs=[c1, ..., cK], or 'flops'/'latency' with example=")
     else:
         costs = "flops" if costs is None else costs
         outputs, first = _collect(model, val, progress, None)
         example = first if example is None else move_to(example, model.device)
         outputs = outputs.with_costs(measure_costs(model, costs, example))
     if outputs.num_exits != model.num_exits:
-        raise ValueError(f"the outputs have {outputs.num_exits} exits but this model has {model.num_exits}")
+        raise InputError(f"the outputs have {outputs.num_exits} exits but this model has {model.num_exits}")
 
     def fit(outputs: ExitOutputs) -> Policy:
-        if isinstance(policy, str):
-            options = dict(policy_options)
-            if policy in POLICIES and "progress" in inspect.signature(POLICIES[policy]).parameters:
-                options.setdefault("progress", progress)
-            unfitted = make_policy(policy, **options)
-        else:
-            unfitted = copy.deepcopy(policy)
-        return unfitted.fit(outputs, budget)
+        return copy.deepcopy(unfitted).fit(outputs, budget)
 
     fitted = fit(outputs)
     if costs == "latency":  # re-time each stage at the batch the policy lets reach it
         exits = fitted.assign(outputs)
         reach = [float((exits >= k).double().mean()) for k in range(model.num_exits)]
         fitted = fit(outputs.with_costs(measure_costs(model, "latency", example, reach)))
-    if not fitted.deployable:
-        raise ValueError(f"policy {fitted.name!r} needs labels at inference and cannot run in a model")
     model.policy = fitted
     return fitted

@@ -1,4 +1,9 @@
-"""The ``eenet-fast`` command line."""
+"""The ``eenet-fast`` command line.
+
+A bad file, budget, path or option ends in one line ``error: ...`` on stderr and exit status 2
+(:class:`~eenet_fast.errors.EENetError`, ``OSError``, a missing optional package; click's own usage
+errors also exit with 2); ``eenet-fast --debug <command>`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from eenet_fast.errors import EENetError
 from eenet_fast.evaluate import compare as compare_policies
 from eenet_fast.evaluate import format_table
 from eenet_fast.outputs import ExitOutputs
@@ -41,9 +47,26 @@ def _parse_policies(names: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+class _Commands(click.Group):
+    """The command group: the errors of bad input print one line and exit with status 2."""
+
+    def invoke(self, ctx: click.Context) -> None:
+        try:
+            return super().invoke(ctx)
+        except (EENetError, OSError, ImportError) as error:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {' '.join(str(error).split())}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
 @click.version_option(package_name="eenet-fast")
-def main() -> None:
+def main(debug: bool) -> None:
     """Adaptive early-exit inference: calibrate exit policies under a cost budget and run them."""
 
 
@@ -57,7 +80,7 @@ def main() -> None:
               help=f"Policy to fit (repeat for several): {', '.join(POLICIES)}, or all (the default).")
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the learned and searched policies.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned and searched policies.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only a JSON list of records (test and validation figures of every policy and budget).")
 def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
@@ -65,13 +88,10 @@ def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_na
     """Fit policies on validation outputs for each budget and compare them on test outputs."""
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
-    try:
-        val = ExitOutputs.load(val_path).with_costs(costs)
-        test = ExitOutputs.load(test_path).with_costs(costs)
-        rows = compare_policies(val, test, _parse_budgets(budgets), policies, seed=seed, progress=not as_json)
-        records = [row.record() for row in rows]
-    except (ValueError, KeyError, TypeError) as err:
-        raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
+    val = ExitOutputs.load(val_path).with_costs(costs)
+    test = ExitOutputs.load(test_path).with_costs(costs)
+    rows = compare_policies(val, test, _parse_budgets(budgets), policies, seed=seed, progress=not as_json)
+    records = [row.record() for row in rows]
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -90,24 +110,21 @@ main.add_command(compare, name="evaluate")  # the command's name before 0.2, kep
               help="Folder with the four Fashion-MNIST IDX files (default: the Debian package's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eenet_runs/demo"),
               show_default=True, help="Where the model, exit outputs, results and plot go (and are cached).")
-@click.option("--epochs", default=3, show_default=True, help="Training epochs of the multi-exit CNN.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs of the multi-exit CNN.")
 @click.option("--budget", "budgets", multiple=True, default=("0.3,0.4,0.5,0.7",), show_default=True,
               help=f"Budgets of the table, in the full model's FLOPs (1.0): {BUDGET_HELP}.")
 @click.option("--speed-budget", default="0.5", show_default=True,
               help="Budget, in the full model's measured time (1.0 or '1x'), at which adaptive inference is timed.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], speed_budget: str, threads: int | None,
          seed: int) -> None:
     """Train a multi-exit CNN on Fashion-MNIST, calibrate the policies and time real early exit."""
     from eenet_fast.demo import DemoConfig, run_demo
 
-    try:
-        cfg = DemoConfig(data=data, out=out, epochs=epochs, budgets=tuple(_parse_budgets(budgets)),
-                         speed_budget=speed_budget, threads=threads, seed=seed)
-        summary = run_demo(cfg, log=click.echo)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    cfg = DemoConfig(data=data, out=out, epochs=epochs, budgets=tuple(_parse_budgets(budgets)),
+                     speed_budget=speed_budget, threads=threads, seed=seed)
+    summary = run_demo(cfg, log=click.echo)
     click.echo(format_table(summary["records"]))
     s = summary["speed"]
     click.echo(
@@ -136,7 +153,7 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
               help=f"Policy to report on (repeat for several): {', '.join(POLICIES)}, or all (the default).")
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
 def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
            costs_text: str | None, seed: int) -> None:
     """Calibrate policies over a grid of budgets and write an HTML report of their decisions."""
@@ -145,14 +162,9 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
     budget_list = _parse_budgets(budgets) or None
-    try:
-        val = ExitOutputs.load(val_path).with_costs(costs)
-        test = ExitOutputs.load(test_path).with_costs(costs)
-        index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
-    except (ImportError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
+    val = ExitOutputs.load(val_path).with_costs(costs)
+    test = ExitOutputs.load(test_path).with_costs(costs)
+    index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
     click.echo(f"Report written to {index}")
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from eenet_fast.backends import select_backend
 from eenet_fast.batch import batch_size, map_batch, move_to
+from eenet_fast.errors import InputError
 from eenet_fast.features import exit_features
 from eenet_fast.multi_exit import check_multi_exit
 
@@ -122,7 +123,7 @@ def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, reach: Se
         return [c / costs[-1] for c in costs]
     if spec == "latency":
         return measure_latency(model, example, reach)
-    raise ValueError(f"costs must be 'flops', 'latency' or a list of {model.num_exits} numbers, got {spec!r}")
+    raise InputError(f"costs must be 'flops', 'latency' or a list of {model.num_exits} numbers, got {spec!r}")
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def measure_latency(model: EarlyExitModel, example: Any, reach: Sequence[float] 
     num_exits = model.num_exits
     reach = [1.0] * num_exits if reach is None else [min(max(float(r), 0.0), 1.0) for r in reach]
     if len(reach) != num_exits:
-        raise ValueError(f"reach needs one fraction per exit ({num_exits}), got {len(reach)}")
+        raise InputError(f"reach needs one fraction per exit ({num_exits}), got {len(reach)}")
     counts = [max(1, round(r * batch)) for r in reach] + [0]
     full_times, exit_times = [], [[] for _ in range(num_exits)]
     for _ in range(repeats + 1):  # the first repeat warms up and is not kept
@@ -169,7 +170,7 @@ def measure_latency(model: EarlyExitModel, example: Any, reach: Sequence[float] 
             stage_time, state = timed(lambda: stage(state))
             full += stage_time
         full_times.append(full + timed(lambda: model.heads[-1](state))[0])
-        state = map_batch(lambda t: t[: counts[0]], x, batch)
+        state = map_batch(lambda t: t[: counts[0]], x, batch, "the example")
         for k, (stage, head) in enumerate(zip(model.stages, model.heads)):
             n = counts[k]
             stage_time, state = timed(lambda: stage(state))

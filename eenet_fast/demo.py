@@ -10,11 +10,16 @@ Steps (each cached in the output folder, so a second run takes seconds):
    the budget is a share of the full model's time), and time adaptive inference against the full
    model over the test set, checking that it takes the exits the offline evaluation predicts;
 5. write ``results.json``, the policy (``eenet_policy.safetensors``) and, with matplotlib, a plot.
+
+The output folder and the budgets are checked before anything long starts; every file is written
+whole or not at all (:func:`eenet_fast.files.write_atomic`).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +27,15 @@ from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from eenet_fast.datasets import load_fashion_mnist
 from eenet_fast.evaluate import compare, evaluate
+from eenet_fast.files import write_atomic
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.costs import best_time
+from eenet_fast.policies import parse_budget
 from eenet_fast.runtime import EarlyExitModel
 from eenet_fast.wrapping import wrap
 from eenet_fast.training import fit_exits
@@ -84,8 +92,7 @@ def _trained_model(cfg: DemoConfig, data: dict, log: Callable[[str], None]) -> M
     start = time.perf_counter()
     fit_exits(net, loader, cfg.epochs, progress=cfg.progress, seed=cfg.seed)
     log(f"model: trained in {time.perf_counter() - start:.0f} s; cached in {path}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"config": key})
+    write_atomic(path, safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}, metadata={"config": key}))
     return net.eval()
 
 
@@ -110,8 +117,29 @@ class DemoParts:
     y_test: torch.Tensor
 
 
+def check_config(cfg: DemoConfig) -> None:
+    """Fail at once, not after the training: every budget must be readable and the output folder
+    writable (it is created with its parents).
+
+    Raises:
+        BudgetError: a budget cannot be read.
+        OSError: the output folder cannot be created or written to (the message says which and why).
+    """
+    for budget in (*cfg.budgets, cfg.speed_budget):
+        parse_budget(budget, 1.0)
+    probe = cfg.out / f".write-test-{secrets.token_hex(4)}"
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        reason = f"{error.strerror or error} ({error.filename or cfg.out})"
+        raise type(error)(f"cannot write the demo's results into {cfg.out}: {reason}; give --out a folder you can write to") from error
+
+
 def prepare_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoParts:
     """Load the data, train (or load the cached) model and collect (or load) its exit outputs."""
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_fashion_mnist(cfg.data)
@@ -186,7 +214,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "records": records,
         "speed": speed,
     }
-    (cfg.out / "results.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(cfg.out / "results.json", json.dumps(summary, indent=2))
     summary["plot"] = _plot(summary, cfg.out / "accuracy_vs_cost.png")
     return summary
 
@@ -213,6 +241,8 @@ def _plot(summary: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path

@@ -9,8 +9,9 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
+from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
 from eenet_fast.policies.base import average_cost
 
 __all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
@@ -46,13 +47,15 @@ class Evaluation:
 
 
 def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
-    """Run a fitted policy on labelled ``outputs`` (their own costs are ignored: the policy's are used)."""
+    """Run a fitted policy on labelled ``outputs`` of at least one sample (their own costs are ignored:
+    the policy's are used)."""
+    _require_samples(outputs, "outputs to evaluate on")
     exits = policy.assign(outputs)
     correct = outputs.correct.gather(0, exits[None])[0]
     num_exits = outputs.num_exits
     counts = torch.bincount(exits, minlength=num_exits)
     hits = torch.bincount(exits, weights=correct.double(), minlength=num_exits)
-    n = max(outputs.num_samples, 1)
+    n = outputs.num_samples
     return Evaluation(
         policy=policy.name,
         budget=float(policy.budget),
@@ -86,27 +89,34 @@ class Comparison:
         return record
 
 
+def _require_samples(outputs: ExitOutputs, what: str) -> None:
+    if outputs.num_samples == 0:
+        raise InputError(f"the {what} hold no samples: give outputs of at least one sample")
+
+
 def check_pair(val: ExitOutputs, test: ExitOutputs, policies: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``val`` and ``test`` are labelled outputs of one model with the
-    same known costs, and every policy name exists."""
+    """Raise :class:`InputError` unless ``val`` and ``test`` are labelled outputs of one model, of at
+    least one sample each, with the same known costs (:class:`PolicyError` unless every policy name exists)."""
     val.require_costs()
     val.require_labels()
     test.require_labels()
+    _require_samples(val, "validation outputs")
+    _require_samples(test, "test outputs")
     if (val.num_exits, val.num_classes) != (test.num_exits, test.num_classes):
-        raise ValueError(
+        raise InputError(
             f"validation has {val.num_exits} exits x {val.num_classes} classes but test has "
             f"{test.num_exits} x {test.num_classes}: they must come from the same model"
         )
     if test.costs is not None and not bool((test.costs == val.costs).all()):
-        raise ValueError(
+        raise InputError(
             f"the validation and test outputs hold different costs ({val.costs.tolist()} vs "
             f"{test.costs.tolist()}); give both the same costs (--costs on the command line)"
         )
     unknown = [name for name in policies if name not in POLICIES]
     if unknown:
-        raise ValueError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+        raise PolicyError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
     if not policies:
-        raise ValueError("no policy given")
+        raise PolicyError(f"no policy given; choose from {', '.join(POLICIES)}")
 
 
 def compare(
@@ -132,6 +142,10 @@ def compare(
     """
     policies = list(policies)
     check_pair(val, test, policies)
+    if not budgets:
+        raise BudgetError("no budget given: give at least one average cost (or a fraction such as '0.5x')")
+    for budget in budgets:  # every budget checked before the first policy is fitted
+        resolve_budget(budget, val.costs)
     policy_options = policy_options or {}
     jobs = [(name, budget) for name in policies for budget in budgets]
     results = []

@@ -2,7 +2,10 @@
 
 For logits ``z`` of one exit, rows ``[N, C]``:
 
-* ``p = softmax(z)``, computed in float32 whatever the input dtype;
+* ``p = softmax(z)``, computed in float32 whatever the input dtype (float64 rows are first shifted
+  by their maximum, so logits of 1e40 stay finite); in the entropy, ``log p`` is clamped at
+  float32's lowest, so a class ``3e38`` below the best counts as ``p = 0``: every feature of a
+  finite row is finite;
 * ``m = max_c p_c``: the maximum score, in ``[1/C, 1]``;
 * ``e = 1 - H(p) / log C`` with ``H(p) = -sum_c p_c log p_c`` (``0 log 0 = 0``): the entropy
   confidence, 1 for a one-hot ``p`` and 0 for the uniform distribution;
@@ -17,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from eenet_fast.errors import InputError
 
 __all__ = ["ExitFeatures", "exit_features"]
 
@@ -48,13 +53,18 @@ def exit_features(logits: torch.Tensor) -> ExitFeatures:
         :class:`ExitFeatures` with float32 tensors on ``logits``' device.
     """
     if logits.ndim != 2:
-        raise ValueError(f"expected logits of shape [N, C], got {tuple(logits.shape)}")
+        raise InputError(f"expected logits of shape [N, C], got {tuple(logits.shape)}")
     num_classes = logits.shape[1]
     if num_classes < 2:
-        raise ValueError(f"need at least 2 classes, got C={num_classes}")
+        raise InputError(f"need at least 2 classes, got C={num_classes}")
+    if logits.dtype == torch.float64:  # shift in float64: its rows may not fit float32
+        logits = logits - logits.amax(dim=-1, keepdim=True)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     probs = log_probs.exp()
     max_score, prediction = probs.max(dim=-1)
-    entropy = -(probs * log_probs).sum(-1)  # p log p -> 0 as p -> 0, and tiny * log(tiny) == 0 in fp32
+    # p log p -> 0 as p -> 0: tiny * log(tiny) == 0 in fp32, and the clamp turns 0 * -inf (a class
+    # more than float32's range below the best) into 0 too
+    entropy = -(probs * log_probs.clamp_min(torch.finfo(torch.float32).min)).sum(-1)
     entropy_conf = 1.0 - entropy / math.log(num_classes)
     return ExitFeatures(probs, max_score, entropy_conf, prediction)
+

@@ -1,12 +1,22 @@
-"""Save and load a calibrated policy: one safetensors file, no pickle.
+"""Save and load a calibrated policy: one safetensors file, no pickle, bound to its whole model.
 
 The file holds the thresholds ``[K]``, the costs ``[K]``, the policy's learned tensors (EENet's
 scheduler weights) and, under ``head.<k>.<name>``, the weights of the exit heads that
 :func:`eenet_fast.wrap` added to a trained model (so ``wrap(net).load_policy(path)`` restores
 everything but the backbone). Its metadata (JSON strings) holds the policy name, its options, the
-budget, the number of classes, a fingerprint of the exits' structure and a digest of every head's
-weights: loading into a model with other exits or classes, or whose heads compute something else
-than those the policy was calibrated on, fails with a clear error.
+budget, the number of classes and four digests:
+
+* ``fingerprint``: the exits' structure (number of exits, every head's parameter names and shapes);
+* ``heads_digest`` and ``stages_digest``: the values of every parameter and persistent buffer of
+  the heads and of the stages (the backbone), so a policy is refused by a model whose exits
+  compute something else than those it was calibrated on, and the error says which part differs;
+* ``content_digest``: every tensor and metadata field of the file itself, so a corrupted or edited
+  file is a :class:`~eenet_fast.errors.FileFormatError` (safetensors has no checksum of its own).
+
+Every field is checked before anything is built: a refused file changes nothing. The file is
+written whole or not at all. Files of the previous format (``eenet_fast.policy/2``, without the
+stages' and the content's digests) still load, with a warning that the backbone is not checked;
+saving the policy again binds it to the model it was loaded into.
 """
 
 from __future__ import annotations
@@ -14,22 +24,29 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from eenet_fast.policies import Policy, make_policy
+from eenet_fast.errors import EENetError, FileFormatError, PolicyError
+from eenet_fast.files import write_atomic
+from eenet_fast.outputs import check_costs
+from eenet_fast.policies import POLICIES, Policy, make_policy
 
-__all__ = ["exits_fingerprint", "heads_digest", "SavedPolicy", "save_policy", "load_policy"]
+__all__ = ["exits_fingerprint", "weights_digest", "content_digest", "SavedPolicy", "save_policy", "load_policy"]
 
-FORMAT = "eenet_fast.policy/2"
+FORMAT = "eenet_fast.policy/3"
+OLD_FORMAT = "eenet_fast.policy/2"  # no stages_digest, no content_digest; heads_digest of parameters only
 HEAD_PREFIX = "head."
-
+RESAVE = "calibrate the model and save the policy again (model.save_policy)"
 
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts before the names of a compiled module's tensors
 
@@ -48,104 +65,243 @@ def exits_fingerprint(heads: nn.ModuleList) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def heads_digest(heads: nn.ModuleList) -> str:
-    """A short hash of every head's parameter values (as float32): two models whose heads give other
-    logits for the same stage outputs get different digests."""
+def _raw(t: torch.Tensor) -> bytes:
+    """The bytes of ``t``'s values (any dtype, on the CPU, contiguous)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def weights_digest(modules: Iterable[nn.Module]) -> str:
+    """A short hash of the shape and value of every parameter and persistent buffer of ``modules``
+    (floating ones as float32): modules that give other outputs for the same inputs get other
+    digests; a module and its ``torch.compile``'d version the same one."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for t in module.state_dict(keep_vars=True).values():
+            t = t.detach()
+            digest.update(repr(tuple(t.shape)).encode())
+            digest.update(_raw(t.float() if t.is_floating_point() else t))
+    return digest.hexdigest()[:16]
+
+
+def _old_heads_digest(heads: nn.ModuleList) -> str:
+    """The heads' digest of the previous format: parameter values as float32, no shapes, no buffers."""
     digest = hashlib.sha256()
     for head in heads:
         for p in head.parameters():
-            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            digest.update(_raw(p.float()))
     return digest.hexdigest()[:16]
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """A hash of a policy file's content: every tensor (name, dtype, shape, bytes) and every metadata
+    field but ``content_digest`` itself."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(_raw(t))
+    digest.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != "content_digest")).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class SavedPolicy:
-    """What :func:`load_policy` read and checked: the policy, and the saved weights of the added heads
-    by head index (``{k: head k's state dict}``, keys as the model's heads name them)."""
+    """What :func:`load_policy` read and checked: the policy, and the heads the file restores (``{k:
+    a copy of head k holding the saved weights}``, for the heads that :func:`eenet_fast.wrap` added)."""
 
     policy: Policy
-    head_weights: dict[int, dict[str, torch.Tensor]]
+    heads: dict[int, nn.Module]
 
 
-def save_policy(policy: Policy, path: str | Path, heads: nn.ModuleList, new_heads: Sequence[int] = ()) -> None:
-    """Write a fitted, deployable policy to ``path`` (``.safetensors``), with the exits' structure
-    fingerprint, the digest of every head's weights and the weights of the heads ``new_heads``
-    (those :func:`eenet_fast.wrap` added, which a fresh ``wrap(model)`` would not have)."""
-    head_weights = {
-        f"{k}.{_plain_name(name)}": t for k in new_heads for name, t in heads[k].state_dict().items()
-    }
+def save_policy(
+    policy: Policy, path: str | Path, heads: nn.ModuleList, new_heads: Sequence[int] = (), *, stages: Sequence[nn.Module]
+) -> None:
+    """Write a fitted, deployable policy to ``path`` (``.safetensors``), whole or not at all, with the
+    exits' fingerprint, the digests of the heads' and the stages' weights, the weights of the heads
+    ``new_heads`` (those :func:`eenet_fast.wrap` added, which a fresh ``wrap(model)`` would not have)
+    and the digest of the file's content."""
     if policy.thresholds is None:
-        raise RuntimeError("the policy is not fitted; nothing to save")
+        raise PolicyError("the policy is not fitted; nothing to save: calibrate the model first")
     if not policy.deployable:
-        raise ValueError(f"policy {policy.name!r} needs labels at inference and cannot be saved for a model")
-    tensors = {"thresholds": policy.thresholds.float(), "costs": policy.costs.double()}
-    tensors.update({k: v.detach().contiguous() for k, v in policy.state_tensors().items()})
-    tensors.update({HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in head_weights.items()})
+        raise PolicyError(f"policy {policy.name!r} needs labels at inference and cannot be saved for a model")
+    tensors = {"thresholds": policy.thresholds.float().cpu(), "costs": policy.costs.double().cpu()}
+    tensors.update({k: v.detach().cpu() for k, v in policy.state_tensors().items()})
+    tensors.update(
+        {f"{HEAD_PREFIX}{k}.{_plain_name(name)}": t.detach().cpu() for k in new_heads for name, t in heads[k].state_dict().items()}
+    )
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "policy": policy.name,
         "options": json.dumps(policy.options()),
-        "budget": json.dumps(policy.budget),
-        "num_classes": json.dumps(policy.num_classes),
+        "budget": json.dumps(float(policy.budget)),
+        "num_classes": json.dumps(int(policy.num_classes)),
         "fingerprint": exits_fingerprint(heads),
-        "heads_digest": heads_digest(heads),
+        "heads_digest": weights_digest(heads),
+        "stages_digest": weights_digest(stages),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    metadata["content_digest"] = content_digest(tensors, metadata)
+    write_atomic(path, safetensors_bytes(tensors, metadata))
 
 
-def load_policy(path: str | Path, heads: nn.ModuleList, new_heads: Sequence[int] = ()) -> SavedPolicy:
-    """Read and check a file written by :func:`save_policy` for a model with these ``heads``.
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of the safetensors file ``path``, read through one handle."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:  # safetensors raises its own error, OSError, or a JSON error for a broken header
+        detail = (str(error).strip().splitlines() or ["no message"])[0]
+        raise FileFormatError(
+            f"{path} is not a readable policy file: it is truncated, corrupted or not a safetensors file "
+            f"({type(error).__name__}: {detail}); {RESAVE}"
+        ) from None
+    return metadata, tensors
 
-    Nothing is changed: the saved head weights are tried on copies of the heads, and the file is
-    refused unless it was saved for the same exits and classes (fingerprint), holds weights only
-    for heads in ``new_heads``, and, with those weights, the heads are those it was calibrated on
-    (digest).
+
+def _field(metadata: Mapping[str, str], key: str, path: Path) -> Any:
+    """The JSON value of the metadata field ``key``."""
+    if key not in metadata:
+        raise FileFormatError(f"{path} lacks the metadata field {key!r}; {RESAVE}")
+    try:
+        return json.loads(metadata[key])
+    except (TypeError, ValueError):
+        raise FileFormatError(f"{path}: the metadata field {key!r} is not valid JSON ({metadata[key]!r}); {RESAVE}") from None
+
+
+def _text(metadata: Mapping[str, str], key: str, path: Path) -> str:
+    if not isinstance(metadata.get(key), str):
+        raise FileFormatError(f"{path} lacks the metadata field {key!r}; {RESAVE}")
+    return metadata[key]
+
+
+def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], num_exits: int) -> dict[str, Any]:
+    """Every field of a policy file for a model with ``num_exits`` exits, checked: the policy name,
+    its options, the budget, the number of classes, the thresholds and the costs."""
+    name = _text(metadata, "policy", path)
+    if name not in POLICIES or not POLICIES[name].deployable:
+        deployable = ", ".join(n for n, cls in POLICIES.items() if cls.deployable)
+        raise FileFormatError(f"{path} names the policy {name!r}, which is none of {deployable}; {RESAVE}")
+    options = _field(metadata, "options", path)
+    if not isinstance(options, dict):
+        raise FileFormatError(f"{path}: the options of the policy must be a JSON object, got {options!r}; {RESAVE}")
+    budget = _field(metadata, "budget", path)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise FileFormatError(f"{path}: the budget must be a finite number, got {metadata['budget']!r}; {RESAVE}")
+    num_classes = _field(metadata, "num_classes", path)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise FileFormatError(f"{path}: num_classes must be an integer >= 2, got {metadata['num_classes']!r}; {RESAVE}")
+    for key in ("thresholds", "costs"):
+        if key not in tensors:
+            raise FileFormatError(f"{path} lacks the tensor {key!r}; {RESAVE}")
+    thresholds = tensors["thresholds"]
+    if thresholds.shape != (num_exits,) or thresholds.dtype != torch.float32:
+        raise FileFormatError(
+            f"{path}: the thresholds must be float32 [{num_exits}] (one per exit), got {thresholds.dtype} "
+            f"{list(thresholds.shape)}; {RESAVE}"
+        )
+    if thresholds.isnan().any() or thresholds[-1] != -math.inf:
+        raise FileFormatError(
+            f"{path}: the thresholds must be numbers or +-inf, the last -inf (the last exit takes every sample "
+            f"left), got {thresholds.tolist()}; {RESAVE}"
+        )
+    try:
+        costs = check_costs(tensors["costs"], num_exits)
+    except EENetError as error:
+        raise FileFormatError(f"{path}: {error}; {RESAVE}") from None
+    if budget < float(costs[0]):
+        raise FileFormatError(f"{path}: the budget {budget} is below the first exit's cost {float(costs[0])}; {RESAVE}")
+    learned = [
+        k for k, t in tensors.items()
+        if k not in ("thresholds", "costs") and not k.startswith(HEAD_PREFIX) and t.is_floating_point() and not t.isfinite().all()
+    ]
+    if learned:
+        raise FileFormatError(f"{path}: the tensor {learned[0]!r} holds NaN or Inf values; {RESAVE}")
+    return {"name": name, "options": options, "budget": float(budget), "num_classes": num_classes, "costs": costs}
+
+
+def _restored_heads(
+    path: Path, tensors: dict[str, torch.Tensor], heads: nn.ModuleList, new_heads: Sequence[int]
+) -> tuple[nn.ModuleList, list[int]]:
+    """A copy of ``heads`` with the saved weights of the added heads loaded (their tensors are
+    removed from ``tensors``), and the indices of those heads."""
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if k.startswith(HEAD_PREFIX)]:
+        index, _, name = key[len(HEAD_PREFIX) :].partition(".")
+        if not (index.isascii() and index.isdigit()) or not name:
+            raise FileFormatError(f"{path} holds a tensor {key!r}, not named head.<exit>.<weight>; {RESAVE}")
+        saved.setdefault(int(index), {})[name] = tensors.pop(key)
+    trial = copy.deepcopy(heads)
+    for k, state in saved.items():
+        if k not in new_heads:
+            raise PolicyError(f"{path} holds weights for exit head {k}, which is not a head wrap added to this model")
+        names = {_plain_name(name): name for name in trial[k].state_dict()}
+        try:
+            trial[k].load_state_dict({names.get(name, name): value for name, value in state.items()})
+        except RuntimeError as error:
+            raise PolicyError(f"{path}: the saved weights of exit head {k} do not fit this model's head {k}: {error}") from None
+    return trial, sorted(saved)
+
+
+def load_policy(
+    path: str | Path, heads: nn.ModuleList, new_heads: Sequence[int] = (), *, stages: Sequence[nn.Module]
+) -> SavedPolicy:
+    """Read and check a file written by :func:`save_policy` for a model with these ``stages`` and ``heads``.
+
+    Nothing is changed: the whole file is checked first, the saved head weights are tried on copies
+    of the heads, and the file is refused unless it is intact (content digest), every field is
+    valid, and it was saved for a model with the same exits and classes (fingerprint), the same
+    head weights once the saved ones are in (heads digest) and the same backbone (stages digest).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        FileFormatError: the file is truncated, corrupted, edited or of an unknown format, or a field is invalid.
+        PolicyError: the file was saved for another model (the message says which part differs).
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no policy file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not an eenet_fast policy file of this version (format {metadata.get('format')!r}, "
-            f"expected {FORMAT!r}); calibrate and save it again"
-        )
+    metadata, tensors = _read(path)
+    version = metadata.get("format")
+    if version not in (FORMAT, OLD_FORMAT):
+        raise FileFormatError(f"{path} is not an eenet_fast policy file of this version (format {version!r}, expected {FORMAT!r}); {RESAVE}")
+    if version == FORMAT and metadata.get("content_digest") != content_digest(tensors, metadata):
+        raise FileFormatError(f"{path} is corrupted or was edited: its content does not match its digest; {RESAVE}")
     fingerprint = exits_fingerprint(heads)
-    if metadata["fingerprint"] != fingerprint:
-        raise ValueError(
+    if _text(metadata, "fingerprint", path) != fingerprint:
+        raise PolicyError(
             f"{path} was calibrated for a model with other exits or classes (fingerprint "
             f"{metadata['fingerprint']}, this model's is {fingerprint}); calibrate this model instead"
         )
-    tensors = load_file(str(path))
-    head_weights: dict[int, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if k.startswith(HEAD_PREFIX)]:
-        k, name = key[len(HEAD_PREFIX) :].split(".", 1)
-        head_weights.setdefault(int(k), {})[name] = tensors.pop(key)
-    trial = copy.deepcopy(heads)
-    for k, state in head_weights.items():
-        if k not in new_heads:
-            raise ValueError(f"{path} holds weights for exit head {k}, which is not a head wrap added to this model")
-        head_weights[k] = _named_as(trial[k], state)
-        trial[k].load_state_dict(head_weights[k])
-    if heads_digest(trial) != metadata["heads_digest"]:
-        raise ValueError(
+    fields = _check_fields(path, metadata, tensors, len(heads))
+    trial, restored = _restored_heads(path, tensors, heads, new_heads)
+    heads_digest = weights_digest(trial) if version == FORMAT else _old_heads_digest(trial)
+    if _text(metadata, "heads_digest", path) != heads_digest:
+        raise PolicyError(
             f"{path} was calibrated on exit heads with other weights than this model's (the model was "
             "trained again, converted to another dtype, or its heads were not saved with the policy); "
             "calibrate this model instead"
         )
-    policy = make_policy(metadata["policy"], **json.loads(metadata["options"]))
-    policy.thresholds = tensors.pop("thresholds")
-    policy.costs = tensors.pop("costs")
-    policy.budget = json.loads(metadata["budget"])
-    policy.num_classes = json.loads(metadata["num_classes"])
-    policy.load_state_tensors(tensors)
-    return SavedPolicy(policy, head_weights)
-
-
-def _named_as(head: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (plain names) keyed as ``head``'s own state dict names them (with ``torch.compile``'s prefix if it has one)."""
-    names = {_plain_name(name): name for name in head.state_dict()}
-    return {names.get(name, name): value for name, value in state.items()}
+    if version == OLD_FORMAT:
+        warnings.warn(
+            f"{path} is a policy file of the previous format, which does not record the backbone: it is "
+            "loaded without checking that this model's stages are those it was calibrated on. Save it "
+            "again (model.save_policy) to bind it to this model",
+            stacklevel=3,
+        )
+    elif _text(metadata, "stages_digest", path) != weights_digest(stages):
+        raise PolicyError(
+            f"{path} was calibrated on a backbone with other weights: this model's stages differ from those "
+            "of the model it was saved for (its exits and exit heads match); calibrate this model instead"
+        )
+    try:
+        policy = make_policy(fields["name"], **fields["options"])
+        policy.thresholds = tensors.pop("thresholds")
+        policy.costs = fields["costs"]
+        tensors.pop("costs")
+        policy.budget = fields["budget"]
+        policy.num_classes = fields["num_classes"]
+        policy.load_state_tensors(tensors)
+    except EENetError as error:
+        raise FileFormatError(f"{path}: {error}; {RESAVE}") from None
+    return SavedPolicy(policy, {k: trial[k] for k in restored})

@@ -24,6 +24,7 @@ stages and heads alone.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,15 +34,21 @@ import torch
 from torch import nn
 
 from eenet_fast.backends import Backend, select_backend
-from eenet_fast.batch import batch_size
+from eenet_fast.batch import batch_size, describe, map_batch
 from eenet_fast.calibration import calibrate, collect
 from eenet_fast.costs import CostSpec, measure_costs
+from eenet_fast.errors import EENetError, InputError
 from eenet_fast.multi_exit import all_exits
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.persist import load_policy, save_policy
 from eenet_fast.policies import ExitHistory, Policy
 
 __all__ = ["ExitResult", "EarlyExitModel"]
+
+# Held while a forward reads the heads and the policy and while load_policy replaces them, so a
+# forward sees the model before a swap or after it, never a mix (one lock for all models: it is
+# held for microseconds, and a module attribute would stop the model from being deep-copied).
+_SWAP = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -101,13 +108,13 @@ class EarlyExitModel(nn.Module):
     ) -> None:
         super().__init__()
         if len(stages) != len(heads) or not len(heads):
-            raise ValueError(f"need one head per stage and at least one of each, got {len(stages)} stages and {len(heads)} heads")
+            raise InputError(f"need one head per stage and at least one of each, got {len(stages)} stages and {len(heads)} heads")
         self.stages = stages if isinstance(stages, nn.ModuleList) else nn.ModuleList(stages)
         self.heads = heads if isinstance(heads, nn.ModuleList) else nn.ModuleList(heads)
         self.backend = backend
         self.new_heads = tuple(sorted(set(new_heads)))
         if any(not 0 <= k < len(heads) for k in self.new_heads):
-            raise ValueError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
+            raise InputError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
         self.policy: Policy | None = None
         self.config: Any = None
 
@@ -153,33 +160,42 @@ class EarlyExitModel(nn.Module):
 
         Returns:
             :class:`ExitResult` for the ``B`` samples, in input order.
+
+        Raises:
+            InputError: the input breaks the per-sample contract or the first stage cannot run on
+                it (the message says what it got and what the model holds); a stage's output
+                breaks the contract.
         """
         x = _one_batch(x, inputs)
         self.require_eval("run adaptive inference")
-        policy = self.policy  # one policy decides the whole batch, even if another thread swaps it
+        with _SWAP:  # one policy and one set of heads decide the whole batch, even if another thread swaps them
+            policy, heads = self.policy, tuple(self.heads)
         if policy is None:
             raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
         device = self.device
         backend = select_backend(self.backend, device)
         batch = batch_size(x)
+        map_batch(lambda t: t, x, batch, "the input")  # the per-sample contract, checked before any work
         state, (ids, history, out) = x, _start(batch, device)
         for k in range(self.num_exits):
             if ids.numel() == 0:
                 break
-            state, leave, history = self._exit(k, state, ids, history, policy, out)
+            state, leave, history = self._exit(k, state, ids, history, policy, heads[k], out)
             if k < self.num_exits - 1:
-                state, ids, scores, predictions = backend.compact(~leave, state, ids, history.scores, history.predictions)
+                state, ids, scores, predictions = backend.compact(
+                    ~leave, state, ids, history.scores, history.predictions, where=f"the output of stage {k}"
+                )
                 history = ExitHistory(scores, predictions)
         return out.result(policy.num_classes)
-
     def _exit(
-        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, out: "_Results"
+        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, head: nn.Module,
+        out: "_Results",
     ) -> tuple[Any, torch.Tensor, ExitHistory]:
         """Exit ``k`` on the running rows (sample ids ``ids [B]``): stage, head, decision, and the
         leaving rows' results written to ``out``. Returns the stage output, ``leave [B]`` bool and
         the history with this exit's scores and predictions."""
-        state = self.stages[k](state)
-        logits = self.heads[k](state)
+        state = self.stages[k](state) if k else self._first_stage(self.stages[0], state)
+        logits = head(state)
         backend = select_backend(self.backend, logits.device)  # under torch.compile, "auto" is "torch"
         q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1)
         out.write(backend, k, leave, ids, logits, prediction, nonfinite)
@@ -194,24 +210,44 @@ class EarlyExitModel(nn.Module):
                 modules[k] = torch.compile(module, **compile_kwargs)
         return self
 
+    def _first_stage(self, stage: nn.Module, x: Any) -> Any:
+        """``stage(x)``; a failure there is almost always an input of the wrong dtype, shape or
+        device, so it becomes an :class:`InputError` saying what the input and the model hold."""
+        try:
+            return stage(x)
+        except (EENetError, torch.cuda.OutOfMemoryError):
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
+            param = next((p for p in stage.parameters() if p.is_floating_point()), None)
+            holds = "no parameters" if param is None else f"{param.dtype} parameters on {param.device}"
+            detail = (str(error).strip().splitlines() or [""])[0]
+            raise InputError(
+                f"the model's first stage cannot run on the input, {describe(x)}: {type(error).__name__}: "
+                f"{detail}. The stage holds {holds}: give inputs of the dtype, shape and device the model was "
+                "built and calibrated for"
+            ) from error
+
     # ------------------------------------------------- the policy file (eenet_fast.persist)
     def save_policy(self, path: str | Path) -> None:
-        """Write the calibrated policy to one safetensors file (see :func:`eenet_fast.persist.save_policy`)."""
+        """Write the calibrated policy to one safetensors file, bound to this model's stages and heads
+        (see :func:`eenet_fast.persist.save_policy`)."""
         if self.policy is None:
             raise RuntimeError("no policy to save: call calibrate(val, budget) first")
-        save_policy(self.policy, path, self.heads, self.new_heads)
+        save_policy(self.policy, path, self.heads, self.new_heads, stages=self.stages)
 
     def load_policy(self, path: str | Path) -> Policy:
         """Install a policy saved by :meth:`save_policy`, with the added heads' weights it holds.
 
-        The whole file is checked first (:func:`eenet_fast.persist.load_policy`: exits, classes,
-        head weights); only then are the heads and the policy replaced, so a refused file leaves
-        the model as it was.
+        The whole file is checked first (:func:`eenet_fast.persist.load_policy`: integrity, every
+        field, exits, classes, head and backbone weights); only then are the heads (by new modules
+        holding the saved weights) and the policy replaced, in one step: a refused file leaves the
+        model as it was, and a forward running meanwhile finishes with the heads and policy it began with.
         """
-        saved = load_policy(path, self.heads, self.new_heads)
-        for k, state in saved.head_weights.items():
-            self.heads[k].load_state_dict(state)
-        self.policy = saved.policy
+        saved = load_policy(path, self.heads, self.new_heads, stages=self.stages)
+        with _SWAP:
+            for k, head in saved.heads.items():
+                self.heads[k] = head
+            self.policy = saved.policy
         return saved.policy
 
     def require_eval(self, what: str) -> None:

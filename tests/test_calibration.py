@@ -60,3 +60,18 @@ def test_an_unreachable_budget_names_the_smallest_reachable_one():
     model = mlp_model()
     with pytest.raises(ValueError, match="smallest feasible budget is 1"):
         model.calibrate(_loader(model), 0.5, "maxprob", costs=[1.0, 2.0, 3.0], progress=False)
+
+
+@pytest.mark.parametrize(
+    "budget, options, error",
+    [("half", {}, "cannot read budget 'half'"), (0.5, {"epochs": -1}, "epochs must be an integer >= 0")],
+)
+def test_a_bad_budget_or_option_fails_before_the_loader_is_read(budget, options, error):
+    model = mlp_model()
+
+    def loader():
+        raise AssertionError("the loader was read before the budget and the options were checked")
+        yield
+
+    with pytest.raises(ValueError, match=error):
+        model.calibrate(loader(), budget, **options)

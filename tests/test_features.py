@@ -40,3 +40,20 @@ def test_features_reject_bad_shapes():
         exit_features(torch.randn(3))
     with pytest.raises(ValueError, match="2 classes"):
         exit_features(torch.randn(3, 1))
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [
+        torch.tensor([[1e40, -1e40, 0.0], [-1e40, 1e40, 1e39]], dtype=torch.float64),  # beyond float32
+        torch.tensor([[3e38, -3e38, 0.0], [-3e38, -3e38, 3e38]]),  # float32, spread beyond its range
+        torch.tensor([[1e308, -1e308, 0.0]], dtype=torch.float64),  # spread beyond float64's range
+    ],
+)
+def test_extreme_finite_logits_give_finite_features(logits):
+    f = exit_features(logits)
+    for name in ("probs", "max_score", "entropy_conf"):
+        assert torch.isfinite(getattr(f, name)).all(), name
+    assert f.prediction.tolist() == logits.argmax(1).tolist()
+    torch.testing.assert_close(f.max_score, torch.ones(len(logits)))  # one class takes all the mass
+    torch.testing.assert_close(f.entropy_conf, torch.ones(len(logits)))

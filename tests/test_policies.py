@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from eenet_fast import POLICIES, evaluate, make_policy
+from eenet_fast import POLICIES, BudgetError, InputError, PolicyError, evaluate, make_policy
 from eenet_fast.policies.base import assign_exits, resolve_budget, thresholds_for_fractions
 
 FAST = {"eenet": {"epochs": 20, "progress": False}}
@@ -136,3 +136,58 @@ def test_fitting_needs_labels_and_costs(synthetic_val):
         make_policy("maxprob").fit(ExitOutputs(synthetic_val.logits, costs=synthetic_val.costs), 0.5)
     with pytest.raises(ValueError, match="no exit costs"):
         make_policy("maxprob").fit(ExitOutputs(synthetic_val.logits, synthetic_val.labels), 0.5)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("eenet", {"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ("eenet", {"phase_epochs": 0}, "phase_epochs must be an integer >= 1"),
+        ("eenet", {"hidden": 2.5}, "hidden must be an integer"),
+        ("eenet", {"epochs": True}, "epochs must be an integer"),
+        ("eenet", {"lr": float("nan")}, "lr must be a finite number"),
+        ("eenet", {"lr": 0.0}, "lr must be > 0.0"),
+        ("eenet", {"weight_decay": -1.0}, "weight_decay must be >= 0.0"),
+        ("eenet", {"seed": 2**70}, r"seed must be an integer in \[0, 18446744073709551615\]"),
+        ("eenet", {"seed": -1}, r"seed must be an integer in \[0, "),
+        ("eenet", {"progress": "yes"}, "progress must be True or False"),
+        ("eenet", {"hiden": 16}, "takes no option 'hiden': its options are hidden, epochs"),
+        ("search", {"samples": 0}, "samples must be an integer >= 1"),
+        ("maxprob", {"seed": 0}, "takes no option 'seed': it takes none"),
+        (None, {}, "unknown policy None"),
+    ],
+)
+def test_bad_policy_options_are_policy_errors_naming_the_option(name, options, match):
+    with pytest.raises(PolicyError, match=match):
+        make_policy(name, **options)
+
+
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        ("half", "cannot read budget 'half'"),
+        (None, "cannot read budget None"),
+        (True, "cannot read budget True"),
+        (torch.tensor([0.5, 0.6]), "cannot read budget"),
+        (float("nan"), "budget must be a finite number"),
+        ("infx", "budget must be a finite number"),
+        ("1e400", "budget must be a finite number"),
+        (-1, "below the cost of the first exit"),
+    ],
+)
+def test_bad_budgets_are_budget_errors(budget, match):
+    with pytest.raises(BudgetError, match=match):
+        resolve_budget(budget, torch.tensor([0.25, 1.0], dtype=torch.float64))
+
+
+def test_an_empty_set_is_refused_not_scored(synthetic_val):
+    from eenet_fast import compare
+
+    empty = synthetic_val.subset(torch.zeros(synthetic_val.num_samples, dtype=torch.bool))
+    policy = fit("maxprob", synthetic_val, 0.5)
+    with pytest.raises(InputError, match="hold no samples"):
+        evaluate(policy, empty)
+    with pytest.raises(InputError, match="the test outputs hold no samples"):
+        compare(synthetic_val, empty, [0.5], ["maxprob"], progress=False)
+    with pytest.raises(InputError, match="empty validation set"):
+        make_policy("maxprob").fit(empty, 0.5)

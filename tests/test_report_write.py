@@ -67,7 +67,7 @@ def test_outputs_without_costs_are_refused_with_the_fix(outputs, tmp_path, no_ca
         with pytest.raises(ValueError, match=fix):
             write_report(val, test, tmp_path / "r", budgets=budgets, progress=False)
     result = run_cli(tmp_path, val, test, "--out", str(tmp_path / "r"))
-    assert result.exit_code == 1 and "--costs c1,...,cK" in result.output and "NoneType" not in result.output
+    assert result.exit_code == 2 and "--costs c1,...,cK" in result.output and "NoneType" not in result.output
     assert no_calibration == [] and not (tmp_path / "r").exists()
     given = run_cli(tmp_path, val, test, "--costs", "1,2,3,4", "--budgets", "2.5", "--out", str(tmp_path / "r"))
     assert isinstance(given.exception, AssertionError) and len(no_calibration) == 1  # with costs, it calibrates
@@ -143,7 +143,7 @@ def test_unwritable_place_fails_before_calibrating(outputs, tmp_path, monkeypatc
     with pytest.raises(PermissionError, match="cannot write the report into .*read-only/r: Permission denied"):
         write_report(val, test, tmp_path / "read-only" / "r", **QUICK)
     result = run_cli(tmp_path, val, test, "--budgets", "0.5", "--out", str(tmp_path / "read-only" / "r"))
-    assert result.exit_code == 1 and "Error: cannot write the report into" in result.output
+    assert result.exit_code == 2 and "error: cannot write the report into" in result.output
     assert no_calibration == []
     assert sorted(os.listdir(tmp_path)) == ["a-file", "read-only", "test.npz", "val.npz"]
     assert os.listdir(tmp_path / "read-only") == []

@@ -1,5 +1,7 @@
 """Adaptive inference against the offline simulation of the same policy."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 from model_utils import C, D, K, mlp_model, random_policy, simulate
 from torch import nn
 
-from eenet_fast import make_policy
+from eenet_fast import InputError, make_policy
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.runtime import EarlyExitModel
 
@@ -179,3 +181,52 @@ def test_a_saturated_head_corrupts_nothing():
         result = model(torch.randn(9, D))
         assert not result.nonfinite.any() and (result.predictions == 0).all()
         assert result.exits.tolist() == [0] * 9
+
+
+# ------------------------------------------------------------------ inputs the model cannot take
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(4, D, dtype=torch.float64), r"float64 \[4, 12\] on cpu.*float32 parameters on cpu"),
+        (torch.randn(4, D + 1), r"float32 \[4, 13\] on cpu.*RuntimeError"),
+        (torch.randint(0, 5, (4, D)), r"int64 \[4, 12\]"),
+        ("a sentence", "cannot find the batch"),
+        (torch.tensor(1.0), "0-d tensor is not a batch"),
+        ((torch.randn(4, D), torch.randn(3, D)), r"the input\[1\] is a tensor of shape \(3, 12\)"),
+    ],
+)
+def test_an_input_the_model_cannot_take_is_an_input_error_saying_what_it_got(x, match):
+    model = mlp_model()
+    random_policy(model, "maxprob", 0, 0.5)
+    with pytest.raises(InputError, match=match):
+        model(x)
+
+
+def test_a_policy_swap_is_atomic_for_a_forward_running_meanwhile(tmp_path):
+    model = mlp_model()
+    model.new_heads = (0, 1)  # as if wrap had added them: a policy file restores their weights
+    random_policy(model, "eenet", 0, 0.4)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for k in other.new_heads:
+            other.heads[k].weight.mul_(-1.5)  # retrained heads, another calibration
+    random_policy(other, "maxprob", 1, 0.6)
+    other.save_policy(tmp_path / "new.safetensors")
+    x = torch.randn(64, D)
+    before, after = model(x), other(x)
+    assert not torch.equal(before.logits, after.logits)
+    swaps = []
+
+    def swap(module, args, output):  # another thread loads the new policy while stage 1 runs
+        if not swaps:
+            swaps.append(model.load_policy(tmp_path / "new.safetensors"))
+
+    handle = model.stages[1].register_forward_hook(swap)
+    got = model(x)
+    handle.remove()
+    assert swaps, "the swap did not happen"
+    assert torch.equal(got.exits, before.exits) and torch.equal(got.logits, before.logits)  # the old model, whole
+    now = model(x)
+    assert torch.equal(now.exits, after.exits) and torch.equal(now.logits, after.logits)  # the new one, whole

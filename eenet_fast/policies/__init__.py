@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from eenet_fast.policies.base import ExitHistory, Policy, assign_exits, resolve_budget
+from eenet_fast.errors import PolicyError
+from eenet_fast.policies.base import ExitHistory, Policy, assign_exits, parse_budget, resolve_budget
 from eenet_fast.policies.baselines import (
     EntropyPolicy,
     MaxProbPolicy,
@@ -21,6 +23,7 @@ __all__ = [
     "ExitHistory",
     "assign_exits",
     "resolve_budget",
+    "parse_budget",
     "EENetPolicy",
     "MaxProbPolicy",
     "EntropyPolicy",
@@ -36,9 +39,17 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 def make_policy(name: str, **options: Any) -> Policy:
-    """A new, unfitted policy by name (``eenet``, ``maxprob``, ``entropy``, ``patience``, ``search``, ``oracle``)."""
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    """A new, unfitted policy by name (``eenet``, ``maxprob``, ``entropy``, ``patience``, ``search``, ``oracle``).
+
+    Raises:
+        PolicyError: an unknown name, an option the policy does not take, or a bad option value.
+    """
+    if not isinstance(name, str) or name not in POLICIES:
+        raise PolicyError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    accepted = list(inspect.signature(cls).parameters)
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes none"
+        raise PolicyError(f"policy {name!r} takes no option {', '.join(map(repr, unknown))}: {takes}")
     return cls(**options)

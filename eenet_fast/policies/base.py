@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from eenet_fast.decision import ScoreHeadParams
+from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 
@@ -35,6 +36,7 @@ __all__ = [
     "ExitHistory",
     "Policy",
     "resolve_budget",
+    "parse_budget",
     "assign_exits",
     "average_cost",
     "thresholds_for_fractions",
@@ -76,32 +78,40 @@ def resolve_budget(budget: float | str, costs: torch.Tensor) -> float:
         costs: ``[K]`` cumulative exit costs.
 
     Raises:
-        ValueError: when the budget is below the cheapest exit's cost (no policy can meet it).
+        BudgetError: the budget cannot be read, is not finite, or is below the cheapest exit's cost
+            (no policy can meet it).
     """
-    if isinstance(budget, str):
-        text = budget.strip()
-        try:
-            if text.endswith("%"):
-                value = float(text[:-1]) / 100 * float(costs[-1])
-            elif text.endswith("x"):
-                value = float(text[:-1]) * float(costs[-1])
-            else:
-                value = float(text)
-        except ValueError:
-            raise ValueError(
-                f"cannot read budget {budget!r}: give a number (absolute cost) or a fraction of the full "
-                "cost such as '0.5x' or '50%'"
-            ) from None
-    else:
-        value = float(budget)
-    if not math.isfinite(value):
-        raise ValueError(f"budget must be finite, got {budget!r}")
+    value = parse_budget(budget, float(costs[-1]))
     smallest = float(costs[0])
     if value < smallest:
-        raise ValueError(
+        raise BudgetError(
             f"budget {value:.6g} is below the cost of the first exit ({smallest:.6g}); no policy can meet it. "
             f"The smallest feasible budget is {smallest:.6g} (every sample leaves at exit 1)"
         )
+    return value
+
+
+def parse_budget(budget: float | str, full_cost: float) -> float:
+    """A budget as an average cost: a number, or a string ``"0.3"``, ``"0.5x"`` or ``"50%"`` (the last
+    two of ``full_cost``, the last exit's cost). Raises :class:`BudgetError` unless it is a finite number."""
+    scale, number = 1.0, budget
+    if isinstance(budget, str):
+        number = budget.strip()
+        if number.endswith("%"):
+            scale, number = full_cost / 100, number[:-1]
+        elif number.endswith("x"):
+            scale, number = full_cost, number[:-1]
+    try:
+        if isinstance(number, bool):
+            raise TypeError("a bool is not a budget")
+        value = float(number) * scale
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several numbers
+        raise BudgetError(
+            f"cannot read budget {budget!r}: give a number (absolute cost) or a fraction of the full "
+            "cost such as '0.5x' or '50%'"
+        ) from None
+    if not math.isfinite(value):
+        raise BudgetError(f"budget must be a finite number, got {budget!r}")
     return value
 
 
@@ -300,7 +310,7 @@ class Policy(nn.Module, ABC):
         costs = val.require_costs()
         val.require_labels()
         if val.num_samples == 0:
-            raise ValueError("cannot fit a policy on an empty validation set")
+            raise InputError("cannot fit a policy on an empty validation set: give outputs of at least one sample")
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
         self._score_heads_on = {}  # the score heads change with the fit
@@ -321,7 +331,7 @@ class Policy(nn.Module, ABC):
         if self.thresholds is None:
             raise RuntimeError(f"policy {self.name!r} is not fitted: call .fit(val, budget) first")
         if outputs.num_exits != self.thresholds.numel() or outputs.num_classes != self.num_classes:
-            raise ValueError(
+            raise PolicyError(
                 f"policy {self.name!r} was fitted for {self.thresholds.numel()} exits and {self.num_classes} "
                 f"classes, got outputs with {outputs.num_exits} exits and {outputs.num_classes} classes"
             )
@@ -342,7 +352,13 @@ class Policy(nn.Module, ABC):
         return {}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_tensors` gave, after thresholds, costs and classes are set."""
+        """Restore what :meth:`state_tensors` gave, after thresholds, costs and classes are set.
+
+        Raises:
+            PolicyError: tensors this policy does not have, or that do not fit it.
+        """
+        if tensors:
+            raise PolicyError(f"{self.name}: unexpected tensors {', '.join(sorted(tensors))} (this policy learns none)")
 
     def __repr__(self) -> str:
         budget = "unfitted" if self.budget is None else f"budget={self.budget:.6g}"

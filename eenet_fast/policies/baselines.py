@@ -9,6 +9,7 @@ import torch
 from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
+from eenet_fast.policies import options
 from eenet_fast.policies.base import (
     ExitHistory,
     Policy,
@@ -109,7 +110,9 @@ class SearchPolicy(MaxProbPolicy):
 
     def __init__(self, rounds: int = 4, samples: int = 16, seed: int = 0) -> None:
         super().__init__()
-        self.rounds, self.samples, self.seed = rounds, samples, seed
+        self.rounds = options.integer(self.name, "rounds", rounds, 0)
+        self.samples = options.integer(self.name, "samples", samples, 1)
+        self.seed = options.seed(self.name, seed)
 
     def _fit(self, val: ExitOutputs, budget: float) -> torch.Tensor:
         scores, correct = self.exit_scores(val), val.correct.float()

@@ -39,8 +39,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eenet_fast.decision import ScoreHeadParams
+from eenet_fast.errors import PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
+from eenet_fast.policies import options
 from eenet_fast.policies.base import (
     ExitHistory,
     Policy,
@@ -184,10 +186,18 @@ class EENetPolicy(Policy):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        self.hidden, self.epochs, self.phase_epochs = hidden, epochs, phase_epochs
-        self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
-        self.kl_weight, self.cost_weight = kl_weight, cost_weight
-        self.restarts, self.seed, self.progress = restarts, seed, progress
+        name = self.name
+        self.hidden = options.integer(name, "hidden", hidden, 0)
+        self.epochs = options.integer(name, "epochs", epochs, 0)
+        self.phase_epochs = options.integer(name, "phase_epochs", phase_epochs, 1)
+        self.batch_size = options.integer(name, "batch_size", batch_size, 1)
+        self.lr = options.real(name, "lr", lr, positive=True)
+        self.weight_decay = options.real(name, "weight_decay", weight_decay)
+        self.kl_weight = options.real(name, "kl_weight", kl_weight)
+        self.cost_weight = options.real(name, "cost_weight", cost_weight)
+        self.restarts = options.integer(name, "restarts", restarts, 0)
+        self.seed = options.seed(name, seed)
+        self.progress = options.flag(name, "progress", progress)
         self.scheduler: Scheduler | None = None
 
     # ---------------------------------------------------- saving and loading
@@ -200,7 +210,13 @@ class EENetPolicy(Policy):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         scheduler = Scheduler(self.thresholds.numel(), self.num_classes, self.hidden)
         prefix = "scheduler."
-        scheduler.load_state_dict({_current_name(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)})
+        unexpected = sorted(k for k in tensors if not k.startswith(prefix))
+        if unexpected:
+            raise PolicyError(f"eenet: unexpected tensors {', '.join(unexpected)} (the scheduler's are named scheduler.*)")
+        try:
+            scheduler.load_state_dict({_current_name(k[len(prefix):]): v for k, v in tensors.items()})
+        except RuntimeError as error:  # missing or unexpected weights, or other shapes than hidden/exits/classes give
+            raise PolicyError(f"eenet: the scheduler's weights do not fit its options and classes: {error}") from None
         self.scheduler = scheduler.requires_grad_(False).to(self.thresholds.device)
 
     # -------------------------------------------------------------- scoring

@@ -16,6 +16,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from eenet_fast.errors import InputError
 from eenet_fast.evaluate import compare, format_table
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, resolve_budget
@@ -131,14 +132,14 @@ def write_report(
 
     Raises:
         ImportError: matplotlib is missing (the message says ``pip install 'eenet-fast[report]'``).
-        ValueError: the validation outputs have no costs, the inputs do not fit together, a budget is
-            infeasible or a policy unknown.
+        InputError, BudgetError, PolicyError: the validation outputs have no costs, the inputs do not
+            fit together, a budget is infeasible or a policy unknown.
         OSError: ``out_dir`` cannot be written (raised before the calibration starts), or is a file or a
             folder holding other files (``FileExistsError``).
     """
     require_matplotlib()
     if val.costs is None:
-        raise ValueError(
+        raise InputError(
             "the report needs the cost of each exit and the validation outputs have none: give them "
             "with --costs c1,...,cK on the command line, or outputs.with_costs([c1, ..., cK]) in Python"
         )
