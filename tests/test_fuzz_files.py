@@ -60,8 +60,11 @@ def _same_outputs(a: ExitOutputs, b: ExitOutputs) -> bool:
     return same(a.logits, b.logits) and same(a.labels, b.labels) and same(a.costs, b.costs)
 
 
+TEMPORARY = tempfile.TemporaryDirectory(prefix="eenet-fuzz-")  # removed when the test session ends
+
+
 def _valid_files():
-    folder = Path(tempfile.mkdtemp(prefix="eenet-fuzz-"))
+    folder = Path(TEMPORARY.name)
     outputs = _outputs()
     outputs.save(folder / "valid.npz")
     probs = torch.softmax(outputs.logits, -1)
