@@ -16,13 +16,16 @@ import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 
 from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
+
+if TYPE_CHECKING:
+    from eenet_fast.guarantee import BudgetGuarantee
 
 __all__ = [
     "ExitHistory",
@@ -228,8 +231,8 @@ class Policy(ABC):
     """An exit policy: scores per exit plus thresholds fitted for a budget.
 
     Subclasses implement :meth:`score` and :meth:`_fit`. After :meth:`fit`, ``thresholds`` is a
-    ``[K]`` float32 tensor (``T_K = -inf``), ``costs`` the ``[K]`` costs and ``budget`` the
-    absolute budget it was fitted for.
+    ``[K]`` float32 tensor (``T_K = -inf``), ``costs`` the ``[K]`` costs, ``budget`` the
+    absolute budget it was fitted for and ``guarantee`` what a fit with a confidence certified.
     """
 
     name: ClassVar[str]
@@ -240,6 +243,7 @@ class Policy(ABC):
         self.costs: torch.Tensor | None = None
         self.budget: float | None = None
         self.num_classes: int | None = None
+        self.guarantee: BudgetGuarantee | None = None
         self._score_heads_on: dict[tuple[int, str], ScoreHeadParams | None] = {}
 
     # -------------------------------------------------------------- scoring
@@ -277,8 +281,16 @@ class Policy(ABC):
         return torch.stack(rows)
 
     # -------------------------------------------------------------- fitting
-    def fit(self, val: ExitOutputs, budget: float | str) -> "Policy":
-        """Fit on validation outputs (with labels and costs) for an average-cost ``budget``."""
+    def fit(
+        self, val: ExitOutputs, budget: float | str, *, confidence: float | None = None, holdout: float = 0.5, seed: int = 0
+    ) -> "Policy":
+        """Fit on validation outputs (with labels and costs) for an average-cost ``budget``.
+
+        With ``confidence`` (e.g. 0.95) the policy is fitted on a seeded ``1 - holdout`` share of
+        ``val`` and its thresholds are certified on the rest, so that the mean cost per sample of new
+        data is at most the budget with probability at least ``confidence``; ``guarantee`` then holds
+        the :class:`~eenet_fast.guarantee.BudgetGuarantee` (see :mod:`eenet_fast.guarantee`).
+        """
         costs = val.require_costs()
         val.require_labels()
         if val.num_samples == 0:
@@ -286,12 +298,20 @@ class Policy(ABC):
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
         self._score_heads_on = {}  # the score heads change with the fit
+        self.guarantee = None
+        fit_part = val
+        if confidence is not None:
+            from eenet_fast import guarantee  # it builds on this module
+
+            guarantee.check_confidence(confidence, holdout)
+            fit_part, holdout_part = guarantee.split_outputs(val, holdout, seed)
         with _one_thread():
-            self.thresholds = self._fit(val, self.budget)
-        exits = self.assign(val)
-        cost = average_cost(exits, costs)
-        if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
-            raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
+            self.thresholds = self._fit(fit_part, self.budget)
+            cost = average_cost(self.assign(fit_part), costs)
+            if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
+                raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
+            if confidence is not None:
+                self.thresholds, self.guarantee = guarantee.certify(self, fit_part, holdout_part, self.budget, confidence)
         return self
 
     @abstractmethod
