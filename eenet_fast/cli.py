@@ -9,8 +9,12 @@ from pathlib import Path
 import click
 
 from eenet_fast.evaluate import compare, format_table
+from eenet_fast.guarantee import ASSUMPTIONS
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES
+
+CONFIDENCE_HELP = ("Certify each budget at this level (e.g. 0.95): the mean cost on new data stays within it with "
+                   "this probability. Fits on half of the validation outputs, certifies on the other half.")
 
 
 def _parse_costs(text: str | None) -> list[float] | None:
@@ -49,26 +53,31 @@ def main() -> None:
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the learned and searched policies.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=CONFIDENCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON list of records.")
 def evaluate(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
-             costs_text: str | None, seed: int, as_json: bool) -> None:
+             costs_text: str | None, seed: int, confidence: float | None, as_json: bool) -> None:
     """Fit policies on validation outputs for each budget and report them on test outputs."""
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
-        records = compare(val, test, list(budgets), policies, seed=seed, progress=not as_json)
+        records = compare(val, test, list(budgets), policies, seed=seed, progress=not as_json, confidence=confidence)
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(str(err.args[0]) if err.args else str(err)) from None
     if as_json:
         keys = ("policy", "budget", "accuracy", "avg_cost", "val_avg_cost", "exit_fractions")
+        keys += ("guarantee",) if confidence is not None else ()
         click.echo(json.dumps([{k: r[k] for k in keys} for r in records], indent=2))
         return
     click.echo(
         f"{val.num_exits} exits, {val.num_classes} classes; costs {', '.join(f'{c:.4g}' for c in val.costs.tolist())}; "
         f"{val.num_samples} validation / {test.num_samples} test samples"
     )
+    if confidence is not None:
+        click.echo(f"Budgets certified at {100 * confidence:.4g}% confidence: {ASSUMPTIONS}.")
     click.echo(format_table(records))
 
 
@@ -122,8 +131,10 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: str, speed_budget: 
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=CONFIDENCE_HELP)
 def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
-           costs_text: str | None, seed: int) -> None:
+           costs_text: str | None, seed: int, confidence: float | None) -> None:
     """Calibrate policies over a grid of budgets and write an HTML report of their decisions."""
     from eenet_fast.report import write_report
 
@@ -133,7 +144,7 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
     try:
         val = ExitOutputs.load(val_path).with_costs(costs)
         test = ExitOutputs.load(test_path).with_costs(costs)
-        index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
+        index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed, confidence=confidence)
     except ImportError as err:
         raise click.ClickException(str(err)) from None
     except (ValueError, KeyError, TypeError) as err:

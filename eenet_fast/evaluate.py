@@ -28,6 +28,7 @@ class Evaluation:
         exit_fractions: ``[K]`` share of samples leaving at each exit.
         per_exit_accuracy: ``[K]`` accuracy among the samples leaving at each exit (``None`` if none).
         exits: ``[N]`` int64 exit of every sample.
+        guarantee: the policy's certified budget (:meth:`BudgetGuarantee.record`), ``None`` without one.
     """
 
     policy: str
@@ -37,11 +38,14 @@ class Evaluation:
     exit_fractions: list[float]
     per_exit_accuracy: list[float | None]
     exits: torch.Tensor
+    guarantee: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
-        """A JSON-ready dict without the per-sample exits."""
+        """A JSON-ready dict without the per-sample exits (and without ``guarantee`` when there is none)."""
         out = asdict(self)
         out.pop("exits")
+        if self.guarantee is None:
+            out.pop("guarantee")
         return out
 
 
@@ -61,6 +65,7 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
         exit_fractions=(counts.double() / n).tolist(),
         per_exit_accuracy=[float(h / c) if c else None for h, c in zip(hits, counts)],
         exits=exits,
+        guarantee=None if policy.guarantee is None else policy.guarantee.record(),
     )
 
 
@@ -117,6 +122,8 @@ def calibrate(
     seed: int = 0,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
+    confidence: float | None = None,
+    holdout: float = 0.5,
 ) -> list[Calibration]:
     """Fit every policy at every budget on ``val`` and evaluate it on ``val`` and ``test``.
 
@@ -125,6 +132,8 @@ def calibrate(
         policies: policy names (see :data:`eenet_fast.policies.POLICIES`).
         seed: seed of the policies that take one (``eenet``, ``search``).
         policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
+        confidence: certify each budget at this level on a ``holdout`` share of ``val`` split with
+            ``seed`` (see :meth:`Policy.fit`); ``None`` meets the budget on all of ``val``.
 
     Returns:
         One :class:`Calibration` per (policy, budget), policy-major.
@@ -137,7 +146,7 @@ def calibrate(
     for name, budget in tqdm(jobs, desc="calibrating", disable=not progress, leave=False):
         options: dict[str, Any] = {"eenet": {"seed": seed, "progress": False}, "search": {"seed": seed}}.get(name, {})
         options.update(policy_options.get(name, {}))
-        policy = make_policy(name, **options).fit(val, budget)
+        policy = make_policy(name, **options).fit(val, budget, confidence=confidence, holdout=holdout, seed=seed)
         results.append(Calibration(policy, evaluate(policy, val), evaluate(policy, test)))
     return results
 
@@ -150,9 +159,11 @@ def compare(
     *,
     seed: int = 0,
     progress: bool = True,
+    confidence: float | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`calibrate`, as records (see :meth:`Calibration.record`): the rows of the table."""
-    return [c.record() for c in calibrate(val, test, budgets, policies, seed=seed, progress=progress)]
+    calibrations = calibrate(val, test, budgets, policies, seed=seed, progress=progress, confidence=confidence)
+    return [c.record() for c in calibrations]
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -169,4 +180,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
         for r in records
     ]
     headers = ["policy", "budget", "test acc %", "test cost", "val cost", "exit mix % (exit 1 / ... / K)"]
+    if any("guarantee" in r for r in records):  # the certified budgets: the promise and how it went
+        headers += ["confidence %", "holdout cost", "upper bound", "test cost <= budget"]
+        for row, r in zip(rows, records):
+            g = r.get("guarantee")
+            row += ["-"] * 4 if g is None else [
+                f"{100 * g['confidence']:.4g}", f"{g['holdout_cost']:.4g}", f"{g['upper_bound']:.4g}",
+                "yes" if r["avg_cost"] <= r["budget"] else "no",
+            ]
     return tabulate(rows, headers=headers, tablefmt="github")

@@ -4,7 +4,7 @@ The file holds the thresholds ``[K]``, the costs ``[K]``, the policy's learned t
 scheduler weights) and, under ``head.<k>.<name>``, the weights of the exit heads that
 :func:`eenet_fast.wrap` added to a trained model (so ``wrap(net).load_policy(path)`` restores
 everything but the backbone). Its metadata (JSON strings) holds the policy name, its options, the
-budget, the number of classes, a fingerprint of the exits' structure and a digest of every head's
+budget, the number of classes, the certified guarantee (if any), a fingerprint of the exits' structure and a digest of every head's
 weights: loading into a model with other exits or classes, or whose heads compute something else
 than those the policy was calibrated on, fails with a clear error.
 """
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from eenet_fast.guarantee import BudgetGuarantee
 from eenet_fast.policies import Policy, make_policy
 
 __all__ = ["exits_fingerprint", "heads_digest", "SavedPolicy", "save_policy", "load_policy"]
@@ -81,6 +82,7 @@ def save_policy(
         "num_classes": json.dumps(policy.num_classes),
         "fingerprint": fingerprint,
         "heads_digest": digest,
+        "guarantee": json.dumps(None if policy.guarantee is None else policy.guarantee.record()),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,5 +113,7 @@ def load_policy(path: str | Path, fingerprint: str | None = None) -> SavedPolicy
     policy.costs = tensors.pop("costs")
     policy.budget = json.loads(metadata["budget"])
     policy.num_classes = json.loads(metadata["num_classes"])
+    guarantee = json.loads(metadata.get("guarantee", "null"))
+    policy.guarantee = None if guarantee is None else BudgetGuarantee.from_record(guarantee)
     policy.load_state_tensors(tensors)
     return SavedPolicy(policy, heads, metadata["heads_digest"])

@@ -451,6 +451,12 @@ def _html_table(records: list[dict[str, Any]]) -> str:
          f"{r['val_avg_cost']:.4g}", f"{r['avg_cost']:.4g}", " / ".join(f"{100 * f:.1f}" for f in r["exit_fractions"])]
         for r in records
     ]
+    if any("guarantee" in r for r in records):  # certified budgets: the promise and how it went on test
+        headers += ["confidence %", "upper bound", "test cost <= budget"]
+        for row, r in zip(rows, records):
+            g = r.get("guarantee")
+            row += ["-"] * 3 if g is None else [f"{100 * g['confidence']:.4g}", f"{g['upper_bound']:.4g}",
+                                                "yes" if r["avg_cost"] <= r["budget"] else "no"]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -467,6 +473,17 @@ th:first-child, td:first-child { text-align: left; }
 .recommend { background: #eef5ff; border-left: 4px solid #1f77b4; padding: 0.6em 1em; }
 .recommend ul { margin: 0.3em 0; columns: 2; }
 """
+
+
+def _promise(records: list[dict[str, Any]]) -> str:
+    """What the certified budgets promise and assume (empty when none is certified)."""
+    g = next((r["guarantee"] for r in records if "guarantee" in r), None)
+    if g is None:
+        return ""
+    return html.escape(
+        f" Budgets certified at {100 * g['confidence']:.4g}% confidence ({g['method']}): the mean cost on new data "
+        f"stays within the budget with that probability. Assumes: {g['assumptions']}."
+    )
 
 
 def _html(data: dict[str, Any], images: dict[str, bytes]) -> str:
@@ -504,7 +521,7 @@ Budgets: {', '.join(_fmt(b) for b in data['budgets'])}.</p>
 {chr(10).join(sections)}
 <h2>Table</h2>
 {_html_table(data['records'])}
-<p class="caption">The numbers behind every figure are in report.json; this table is also in table.md.</p>
+<p class="caption">The numbers behind every figure are in report.json; this table is also in table.md.{_promise(data['records'])}</p>
 </body>
 </html>
 """
@@ -519,6 +536,7 @@ def write_report(
     seed: int = 0,
     progress: bool = True,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
+    confidence: float | None = None,
 ) -> Path:
     """Calibrate every policy over a grid of budgets and write the report into ``out_dir``.
 
@@ -532,6 +550,7 @@ def write_report(
         seed: seed of EENet's training and of the scatter subsampling.
         progress: show a progress bar while calibrating.
         policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
+        confidence: certify every budget at this level (see :func:`eenet_fast.evaluate.calibrate`).
 
     Returns:
         The path of ``index.html``.
@@ -544,7 +563,9 @@ def write_report(
     policies = list(dict.fromkeys(policies)) if policies else list(POLICIES)
     costs = val.costs
     grid = sorted({resolve_budget(b, costs) for b in budgets}) if budgets else default_budgets(costs)
-    calibrations = calibrate(val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress)
+    calibrations = calibrate(
+        val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress, confidence=confidence
+    )
     data = report_data(calibrations, val, test, grid, seed=seed)
 
     images = {
