@@ -4,7 +4,7 @@ The data path of :meth:`EarlyExitModel.forward`, for each exit ``k`` in order::
 
     state  = stages[k](state)                 # only the samples still running
     logits = heads[k](state)
-    q, leave = backend.decide(policy, k, logits, history)
+    q, leave = backend.decide(policy, k, logits, history, thresholds[k])
     backend.write_exited(...)                 # the leaving rows' logits, prediction, exit index
     state, ids, history = backend.compact(~leave, state, ids, history)
 
@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eenet_fast.batch import batch_size, map_batch, move_to
+from eenet_fast.control import BudgetController
 from eenet_fast.compaction import compact_reference, write_exited_reference
 from eenet_fast.decision import exit_flags
 from eenet_fast.families import FAMILIES, find_backbone, split_after
@@ -76,8 +77,8 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool):
-        """Exit decision at exit ``k`` for logits ``[B, C]``.
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: torch.Tensor):
+        """Exit decision at exit ``k`` for logits ``[B, C]`` against ``threshold`` (a 0-d tensor).
 
         Returns:
             ``(q, prediction, leave, nonfinite)``: ``[B]`` float32 scores, int64 predictions, bool
@@ -85,7 +86,7 @@ class TorchBackend:
         """
         feats = exit_features(logits)
         q = policy.score(k, feats, history).float()
-        leave, nonfinite = exit_flags(logits, q, policy.thresholds[k].to(q.device), last)
+        leave, nonfinite = exit_flags(logits, q, threshold.to(q.device), last)
         return q, feats.prediction, leave, nonfinite
 
     write_exited = staticmethod(write_exited_reference)
@@ -108,14 +109,14 @@ class TritonBackend:
     name = "triton"
 
     @staticmethod
-    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool):
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: torch.Tensor):
         """Exit decision at exit ``k`` for logits ``[B, C]``: see :meth:`TorchBackend.decide`."""
         from eenet_fast.kernels.exit_decision import LOGIT_DTYPES, exit_decision
 
         head = policy.score_head_on(k, logits.device)
         if head is None or logits.dtype not in LOGIT_DTYPES:
-            return TorchBackend.decide(policy, k, logits, history, last)
-        decision = exit_decision(logits, head, history.scores, float(policy.thresholds[k]), last)
+            return TorchBackend.decide(policy, k, logits, history, last, threshold)
+        decision = exit_decision(logits, head, history.scores, float(threshold), last)
         return decision.score, decision.prediction, decision.leave, decision.nonfinite
 
     @staticmethod
@@ -189,6 +190,7 @@ class EarlyExitModel(nn.Module):
         if any(not 0 <= k < len(heads) for k in self.new_heads):
             raise ValueError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
         self.policy: Policy | None = None
+        self.controller: BudgetController | None = None  # optional: moves the thresholds to hold the budget
 
     @property
     def num_exits(self) -> int:
@@ -315,6 +317,7 @@ class EarlyExitModel(nn.Module):
         costs: CostSpec = "flops",
         *,
         example: Any = None,
+        confidence: float | None = None,
         **policy_options: Any,
     ) -> Policy:
         """Fit an exit policy for an average-cost ``budget`` and install it on this model.
@@ -331,6 +334,7 @@ class EarlyExitModel(nn.Module):
             example: a batch like those the model will serve, to measure ``"flops"`` or
                 ``"latency"`` costs when ``val`` is cached outputs (default: the loader's first batch).
                 Cached outputs that hold costs and no ``example`` keep their costs.
+            confidence: certify the budget at this level (see :meth:`Policy.fit`).
             policy_options: passed to the policy's constructor.
         """
         if isinstance(val, ExitOutputs):
@@ -351,7 +355,7 @@ class EarlyExitModel(nn.Module):
 
         def fit(outputs: ExitOutputs) -> Policy:
             unfitted = make_policy(policy, **policy_options) if isinstance(policy, str) else copy.deepcopy(policy)
-            return unfitted.fit(outputs, budget)
+            return unfitted.fit(outputs, budget, confidence=confidence)
 
         fitted = fit(outputs)
         if costs == "latency" and example is not None:  # re-time each stage at the batch the policy lets reach it
@@ -374,6 +378,9 @@ class EarlyExitModel(nn.Module):
         self._require_eval("run adaptive inference")
         if self.policy is None:
             raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
+        if self.controller is not None and self.controller.policy is not self.policy:
+            raise RuntimeError("the controller was built for another policy: set model.controller = BudgetController(model.policy, val)")
+        thresholds = self.policy.thresholds if self.controller is None else self.controller.thresholds()
         backend = _backend(self.backend, self._device())
         batch = batch_size(x)
         device = self._device()
@@ -391,7 +398,9 @@ class EarlyExitModel(nn.Module):
             logits = head(state)
             if out_logits is None:
                 out_logits = logits.new_empty(batch, logits.shape[1])
-            q, prediction, leave, nonfinite = backend.decide(self.policy, k, logits, history, k == self.num_exits - 1)
+            q, prediction, leave, nonfinite = backend.decide(
+                self.policy, k, logits, history, k == self.num_exits - 1, thresholds[k]
+            )
             backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
                                  out_logits, out_predictions, out_exits, out_nonfinite)
             history = history.extend(q, prediction)
@@ -400,6 +409,8 @@ class EarlyExitModel(nn.Module):
             history = ExitHistory(scores, predictions)
         if out_logits is None:  # empty batch: no head ran
             out_logits = torch.empty(0, self.policy.num_classes, device=device)
+        if self.controller is not None:
+            self.controller.observe(out_exits)
         return ExitResult(out_logits, out_predictions, out_exits, out_nonfinite)
 
     # ------------------------------------------------------- saving the policy
