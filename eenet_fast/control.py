@@ -118,7 +118,7 @@ class BudgetController:
         expected = torch.stack([self.costs[assign_exits(scores, t)].mean() for t in self.table])
         self.expected = torch.cummax(expected, 0).values  # [G]: monotone, for the inverse
         self.target = min(float(policy.budget), float(expected[half])) if target is None else float(target)
-        self.index = half
+        self.index = self.half = half
         self.drift = 0.0
         self.seen = 0
         self.infeasible = False
@@ -162,8 +162,12 @@ class BudgetController:
         self._set(self.target - self.drift, infeasible=raw > high)
 
     def _set(self, want: float, infeasible: bool) -> None:
-        """Move to the dearest tilt whose calibration cost is at most ``want`` (the cheapest when none is)."""
+        """Move to the dearest tilt whose calibration cost is at most ``want`` (the cheapest when none is);
+        among tilts of equal cost, the one nearest 0."""
         index = max(int(torch.searchsorted(self.expected, torch.tensor([want], dtype=torch.float64), right=True)) - 1, 0)
+        same = torch.tensor([float(self.expected[index])], dtype=torch.float64)  # among equal costs, the tilt nearest 0
+        first, last = (int(torch.searchsorted(self.expected, same, right=right)) for right in (False, True))
+        index = min(max(self.half, first), last - 1)
         if index == self.index and infeasible == self.infeasible:
             return
         if infeasible and not self._warned:
