@@ -133,7 +133,7 @@ def replay(
     outputs: ExitOutputs,
     indices: torch.Tensor,
     batch_size: int = 64,
-    controller: "BudgetController | None" = None,
+    controller: BudgetController | None = None,
 ) -> Replay:
     """Serve the samples ``indices`` of ``outputs`` in batches, offline: each batch takes the exits the
     runtime would (the policy's scores against its thresholds, or the controller's, which then

@@ -100,7 +100,7 @@ class BudgetGuarantee:
         return out
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "BudgetGuarantee":
+    def from_record(cls, record: dict[str, Any]) -> BudgetGuarantee:
         """The inverse of :meth:`record`."""
         return cls(**{**record, "log_tilt": float(record["log_tilt"])})
 
@@ -207,7 +207,7 @@ def fixed_sequence(pvalues: torch.Tensor, delta: float) -> int:
 
 
 def certify(
-    policy: "Policy", fit_part: ExitOutputs, holdout: ExitOutputs, budget: float, confidence: float
+    policy: Policy, fit_part: ExitOutputs, holdout: ExitOutputs, budget: float, confidence: float
 ) -> tuple[torch.Tensor, BudgetGuarantee]:
     """Certify a policy fitted on ``fit_part`` on ``holdout`` (see the module's docstring).
 

@@ -4,9 +4,10 @@ The file holds the thresholds ``[K]``, the costs ``[K]``, the policy's learned t
 scheduler weights) and, under ``head.<k>.<name>``, the weights of the exit heads that
 :func:`eenet_fast.wrap` added to a trained model (so ``wrap(net).load_policy(path)`` restores
 everything but the backbone). Its metadata (JSON strings) holds the policy name, its options, the
-budget, the number of classes, the certified guarantee (if any), a fingerprint of the exits' structure and a digest of every head's
-weights: loading into a model with other exits or classes, or whose heads compute something else
-than those the policy was calibrated on, fails with a clear error.
+budget, the number of classes, the certified guarantee (if any), a fingerprint of the exits'
+structure and a digest of every head's weights: loading into a model with other exits or classes,
+or whose heads compute something else than those the policy was calibrated on, fails with a clear
+error.
 """
 
 from __future__ import annotations

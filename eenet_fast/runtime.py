@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eenet_fast.batch import batch_size, map_batch, move_to
-from eenet_fast.control import BudgetController
 from eenet_fast.compaction import compact_reference, write_exited_reference
+from eenet_fast.control import BudgetController
 from eenet_fast.decision import exit_flags
 from eenet_fast.families import FAMILIES, find_backbone, split_after
 from eenet_fast.features import exit_features

@@ -35,7 +35,7 @@ def one_thread():
 
 def capital_by_loop(x: list[float], level: float, delta: float, cap: float = 0.75) -> float:
     """The gambler's largest capital, one bet at a time (the brute-force reference)."""
-    n, capital, best, total, squares, means = len(x), 1.0, 1.0, 0.0, 0.0, []
+    n, capital, best, total, squares = len(x), 1.0, 1.0, 0.0, 0.0
     var = 0.25
     for t, xi in enumerate(x, 1):
         bet = min(math.sqrt(2 * math.log(1 / delta) / (n * var)), cap / (1 - level))
