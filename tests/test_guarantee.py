@@ -222,3 +222,18 @@ def test_cli_prints_the_promise(tmp_path):
     assert "certified at 95% confidence" in table.output and "exchangeable" in table.output
     bad = CliRunner().invoke(main, [*args[:-1], "1.5"])
     assert bad.exit_code != 0 and "1.5" in bad.output
+
+
+def test_report_states_the_promise(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report needs pip install 'eenet-fast[report]'")
+    make_synthetic_outputs(1500, seed=1).save(tmp_path / "val.npz")
+    make_synthetic_outputs(1500, seed=2).save(tmp_path / "test.npz")
+    result = CliRunner().invoke(main, ["report", "--val", str(tmp_path / "val.npz"), "--test", str(tmp_path / "test.npz"),
+                                       "--out", str(tmp_path / "r"), "--budget", "0.5", "--policy", "maxprob",
+                                       "--confidence", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "confidence %" in (tmp_path / "r" / "table.md").read_text()
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "certified at 90% confidence" in page and "exchangeable" in page
+    (record,) = json.loads((tmp_path / "r" / "report.json").read_text())["records"]
+    assert record["guarantee"]["confidence"] == 0.9
