@@ -307,10 +307,12 @@ class Policy(ABC):
             fit_part, holdout_part = guarantee.split_outputs(val, holdout, seed)
         with _one_thread():
             self.thresholds = self._fit(fit_part, self.budget)
-            cost = average_cost(self.assign(fit_part), costs)
-            if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
-                raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
-            if confidence is not None:
+        exits = self.assign(fit_part)
+        cost = average_cost(exits, costs)
+        if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
+            raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
+        if confidence is not None:
+            with _one_thread():
                 self.thresholds, self.guarantee = guarantee.certify(self, fit_part, holdout_part, self.budget, confidence)
         return self
 
