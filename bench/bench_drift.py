@@ -1,4 +1,4 @@
-"""Running cost on a drifting input mix, with and without a :class:`BudgetController`.
+"""Running cost on a drifting input mix, with and without a BudgetController.
 
 Run: ``python bench/bench_drift.py --markdown bench/results/drift.md`` (minutes), or
 ``python -m pytest bench/bench_drift.py`` for one quick case. Each policy is fitted on the validation
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(f"### {name}: budget {BUDGETS[name]}, stream of {LENGTH} samples in batches of {BATCH}\n\n"
                         f"{tabulate(run(name), headers='keys', tablefmt='github', floatfmt='.4g')}\n")
         print(sections[-1], flush=True)
-    save_markdown(sections, args.markdown)
+    save_markdown(sections, args.markdown, __doc__.splitlines()[0])
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from eenet_fast import ExitOutputs
@@ -24,8 +25,10 @@ def load_outputs(name: str) -> tuple[ExitOutputs, ExitOutputs]:
     return parts.val, parts.test
 
 
-def save_markdown(sections: list[str], path: Path | None) -> None:
-    """With ``path``, write the markdown sections there (the folder is created)."""
+def save_markdown(sections: list[str], path: Path | None, title: str) -> None:
+    """With ``path``, write ``title``, the command that made it and the markdown sections there."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(sections))
+        command = " ".join(["python", *sys.argv])
+        path.write_text("\n".join([f"## {title}\n\n`{command}` (a shared 2-core CPU; these are statistics, not timings)\n",
+                                   *sections]))
