@@ -72,6 +72,7 @@ def calibrate(
     *,
     example: Any = None,
     progress: bool = True,
+    confidence: float | None = None,
     **policy_options: Any,
 ) -> Policy:
     """Fit an exit policy for an average-cost ``budget`` and install it on ``model``.
@@ -92,6 +93,8 @@ def calibrate(
         example: a batch like those the model will serve, to measure ``"flops"`` or ``"latency"``
             (default: the loader's first batch; required for cached outputs).
         progress: progress bars (collection, and the policy's training when it has one).
+        confidence: certify the budget at this level (e.g. 0.95) on a held-out half of the
+            validation outputs (see :meth:`Policy.fit` and :mod:`eenet_fast.guarantee`).
         policy_options: passed to the policy's constructor.
 
     Raises:
@@ -134,7 +137,7 @@ def calibrate(
         raise InputError(f"the outputs have {outputs.num_exits} exits but this model has {model.num_exits}")
 
     def fit(outputs: ExitOutputs) -> Policy:
-        return copy.deepcopy(unfitted).fit(outputs, budget)
+        return copy.deepcopy(unfitted).fit(outputs, budget, confidence=confidence)
 
     fitted = fit(outputs)
     if costs == "latency":  # re-time each stage at the batch the policy lets reach it

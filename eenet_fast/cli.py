@@ -16,8 +16,12 @@ import click
 from eenet_fast.errors import EENetError
 from eenet_fast.evaluate import compare as compare_policies
 from eenet_fast.evaluate import format_table
+from eenet_fast.guarantee import ASSUMPTIONS
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES
+
+CONFIDENCE_HELP = ("Certify each budget at this level (e.g. 0.95): the mean cost on new data stays within it with "
+                   "this probability. Fits on half of the validation outputs, certifies on the other half.")
 
 
 def _parse_costs(text: str | None) -> list[float] | None:
@@ -81,16 +85,19 @@ def main(debug: bool) -> None:
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned and searched policies.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=CONFIDENCE_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print only a JSON list of records (test and validation figures of every policy and budget).")
 def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
-            costs_text: str | None, seed: int, as_json: bool) -> None:
+            costs_text: str | None, seed: int, confidence: float | None, as_json: bool) -> None:
     """Fit policies on validation outputs for each budget and compare them on test outputs."""
     costs = _parse_costs(costs_text)
     policies = _parse_policies(policy_names)
     val = ExitOutputs.load(val_path).with_costs(costs)
     test = ExitOutputs.load(test_path).with_costs(costs)
-    rows = compare_policies(val, test, _parse_budgets(budgets), policies, seed=seed, progress=not as_json)
+    rows = compare_policies(val, test, _parse_budgets(budgets), policies, seed=seed, progress=not as_json,
+                            confidence=confidence)
     records = [row.record() for row in rows]
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -99,6 +106,8 @@ def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_na
         f"{val.num_exits} exits, {val.num_classes} classes; costs {', '.join(f'{c:.4g}' for c in val.costs.tolist())}; "
         f"{val.num_samples} validation / {test.num_samples} test samples"
     )
+    if confidence is not None:
+        click.echo(f"Budgets certified at {100 * confidence:.4g}% confidence: {ASSUMPTIONS}.")
     click.echo(format_table(records))
 
 
@@ -154,8 +163,10 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
 @click.option("--costs", "costs_text", default=None,
               help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=CONFIDENCE_HELP)
 def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
-           costs_text: str | None, seed: int) -> None:
+           costs_text: str | None, seed: int, confidence: float | None) -> None:
     """Calibrate policies over a grid of budgets and write an HTML report of their decisions."""
     from eenet_fast.report import write_report
 
@@ -164,7 +175,7 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
     budget_list = _parse_budgets(budgets) or None
     val = ExitOutputs.load(val_path).with_costs(costs)
     test = ExitOutputs.load(test_path).with_costs(costs)
-    index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed)
+    index = write_report(val, test, out, budgets=budget_list, policies=policies, seed=seed, confidence=confidence)
     click.echo(f"Report written to {index}")
 
 

@@ -29,6 +29,7 @@ class Evaluation:
         exit_fractions: ``[K]`` share of samples leaving at each exit.
         per_exit_accuracy: ``[K]`` accuracy among the samples leaving at each exit (``None`` if none).
         exits: ``[N]`` int64 exit of every sample.
+        guarantee: the policy's certified budget (:meth:`BudgetGuarantee.record`), ``None`` without one.
     """
 
     policy: str
@@ -38,11 +39,14 @@ class Evaluation:
     exit_fractions: list[float]
     per_exit_accuracy: list[float | None]
     exits: torch.Tensor
+    guarantee: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
-        """A JSON-ready dict without the per-sample exits."""
+        """A JSON-ready dict without the per-sample exits (and without ``guarantee`` when there is none)."""
         out = asdict(self)
         out.pop("exits")
+        if self.guarantee is None:
+            out.pop("guarantee")
         return out
 
 
@@ -64,6 +68,7 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
         exit_fractions=(counts.double() / n).tolist(),
         per_exit_accuracy=[float(h / c) if c else None for h, c in zip(hits, counts)],
         exits=exits,
+        guarantee=None if policy.guarantee is None else policy.guarantee.record(),
     )
 
 
@@ -128,6 +133,8 @@ def compare(
     seed: int = 0,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
+    confidence: float | None = None,
+    holdout: float = 0.5,
 ) -> list[Comparison]:
     """Fit every policy at every budget on ``val`` and evaluate it on ``val`` and ``test``.
 
@@ -136,6 +143,8 @@ def compare(
         policies: policy names (see :data:`eenet_fast.policies.POLICIES`).
         seed: seed of the policies that take one (``eenet``, ``search``).
         policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
+        confidence: certify each budget at this level on a ``holdout`` share of ``val`` split with
+            ``seed`` (see :meth:`Policy.fit`); ``None`` meets the budget on all of ``val``.
 
     Returns:
         One :class:`Comparison` per (policy, budget), policy-major (``.record()`` for JSON).
@@ -152,7 +161,7 @@ def compare(
     for name, budget in tqdm(jobs, desc="calibrating", disable=not progress, leave=False):
         options: dict[str, Any] = {"eenet": {"seed": seed, "progress": False}, "search": {"seed": seed}}.get(name, {})
         options.update(policy_options.get(name, {}))
-        policy = make_policy(name, **options).fit(val, budget)
+        policy = make_policy(name, **options).fit(val, budget, confidence=confidence, holdout=holdout, seed=seed)
         results.append(Comparison(policy, evaluate(policy, val), evaluate(policy, test)))
     return results
 
@@ -171,4 +180,12 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
         for r in records
     ]
     headers = ["policy", "budget", "test acc %", "test cost", "val cost", "exit mix % (exit 1 / ... / K)"]
+    if any("guarantee" in r for r in records):  # the certified budgets: the promise and how it went
+        headers += ["confidence %", "holdout cost", "upper bound", "test cost <= budget"]
+        for row, r in zip(rows, records):
+            g = r.get("guarantee")
+            row += ["-"] * 4 if g is None else [
+                f"{100 * g['confidence']:.4g}", f"{g['holdout_cost']:.4g}", f"{g['upper_bound']:.4g}",
+                "yes" if r["avg_cost"] <= r["budget"] else "no",
+            ]
     return tabulate(rows, headers=headers, tablefmt="github")

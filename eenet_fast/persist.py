@@ -4,7 +4,8 @@ The file holds the thresholds ``[K]``, the costs ``[K]``, the policy's learned t
 scheduler weights) and, under ``head.<k>.<name>``, the weights of the exit heads that
 :func:`eenet_fast.wrap` added to a trained model (so ``wrap(net).load_policy(path)`` restores
 everything but the backbone). Its metadata (JSON strings) holds the policy name, its options, the
-budget, the number of classes and four digests:
+budget, the number of classes, the certified guarantee (JSON ``null`` without one) and four
+digests:
 
 * ``fingerprint``: the exits' structure (number of exits, every head's parameter names and shapes);
 * ``heads_digest`` and ``stages_digest``: the values of every parameter and persistent buffer of
@@ -40,6 +41,7 @@ from eenet_fast.errors import EENetError, FileFormatError, PolicyError
 from eenet_fast.files import write_atomic
 from eenet_fast.outputs import check_costs
 from eenet_fast.policies import POLICIES, Policy, make_policy
+from eenet_fast.guarantee import BudgetGuarantee
 
 __all__ = ["exits_fingerprint", "weights_digest", "content_digest", "SavedPolicy", "save_policy", "load_policy"]
 
@@ -139,6 +141,7 @@ def save_policy(
         "fingerprint": exits_fingerprint(heads),
         "heads_digest": weights_digest(heads),
         "stages_digest": weights_digest(stages),
+        "guarantee": json.dumps(None if policy.guarantee is None else policy.guarantee.record()),
     }
     metadata["content_digest"] = content_digest(tensors, metadata)
     write_atomic(path, safetensors_bytes(tensors, metadata))
@@ -177,7 +180,7 @@ def _text(metadata: Mapping[str, str], key: str, path: Path) -> str:
 
 def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], num_exits: int) -> dict[str, Any]:
     """Every field of a policy file for a model with ``num_exits`` exits, checked: the policy name,
-    its options, the budget, the number of classes, the thresholds and the costs."""
+    its options, the budget, the number of classes, the thresholds, the costs and the guarantee."""
     name = _text(metadata, "policy", path)
     if name not in POLICIES or not POLICIES[name].deployable:
         deployable = ", ".join(n for n, cls in POLICIES.items() if cls.deployable)
@@ -217,7 +220,26 @@ def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str,
     ]
     if learned:
         raise FileFormatError(f"{path}: the tensor {learned[0]!r} holds NaN or Inf values; {RESAVE}")
-    return {"name": name, "options": options, "budget": float(budget), "num_classes": num_classes, "costs": costs}
+    guarantee = _guarantee(path, metadata)
+    return {"name": name, "options": options, "budget": float(budget), "num_classes": num_classes, "costs": costs,
+            "guarantee": guarantee}
+
+
+def _guarantee(path: Path, metadata: Mapping[str, str]) -> BudgetGuarantee | None:
+    """The certified guarantee the file records (``None`` without one, and in files from before it)."""
+    if "guarantee" not in metadata:
+        return None
+    record = _field(metadata, "guarantee", path)
+    if record is None:
+        return None
+    try:
+        guarantee = BudgetGuarantee.from_record(record)
+        numbers = (guarantee.confidence, guarantee.holdout_cost, guarantee.upper_bound)
+        if not (0 < guarantee.confidence < 1 and all(math.isfinite(x) for x in numbers)):
+            raise ValueError(f"confidence {guarantee.confidence}, costs {numbers[1:]}")
+    except (TypeError, ValueError, KeyError) as error:
+        raise FileFormatError(f"{path}: the guarantee field is not a valid certified budget ({error}); {RESAVE}") from None
+    return guarantee
 
 
 def _restored_heads(
@@ -301,6 +323,7 @@ def load_policy(
         tensors.pop("costs")
         policy.budget = fields["budget"]
         policy.num_classes = fields["num_classes"]
+        policy.guarantee = fields["guarantee"]
         policy.load_state_tensors(tensors)
     except EENetError as error:
         raise FileFormatError(f"{path}: {error}; {RESAVE}") from None

@@ -4,7 +4,7 @@ The data path of :meth:`EarlyExitModel.forward`, for each exit ``k`` in order::
 
     state  = stages[k](state)                 # only the samples still running
     logits = heads[k](state)
-    q, leave = backend.decide(policy, k, logits, history)
+    q, leave = backend.decide(policy, k, logits, history, thresholds[k])
     backend.write_exited(...)                 # the leaving rows' logits, prediction, exit index
     state, ids, history = backend.compact(~leave, state, ids, history)   # not after the last exit
 
@@ -36,6 +36,7 @@ from torch import nn
 from eenet_fast.backends import Backend, select_backend
 from eenet_fast.batch import batch_size, describe, map_batch
 from eenet_fast.calibration import calibrate, collect
+from eenet_fast.control import BudgetController
 from eenet_fast.costs import CostSpec, measure_costs
 from eenet_fast.errors import EENetError, InputError
 from eenet_fast.multi_exit import all_exits
@@ -117,6 +118,7 @@ class EarlyExitModel(nn.Module):
             raise InputError(f"new_heads {self.new_heads} must index the {len(heads)} heads")
         self.policy: Policy | None = None
         self.config: Any = None
+        self.controller: BudgetController | None = None  # optional: moves the thresholds to hold the budget online
 
     @property
     def num_exits(self) -> int:
@@ -169,9 +171,12 @@ class EarlyExitModel(nn.Module):
         x = _one_batch(x, inputs)
         self.require_eval("run adaptive inference")
         with _SWAP:  # one policy and one set of heads decide the whole batch, even if another thread swaps them
-            policy, heads = self.policy, tuple(self.heads)
+            policy, heads, controller = self.policy, tuple(self.heads), self.controller
         if policy is None:
             raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
+        if controller is not None and controller.policy is not policy:
+            raise RuntimeError("the controller was built for another policy: set model.controller = BudgetController(model.policy, val)")
+        thresholds = policy.thresholds if controller is None else controller.thresholds()
         device = self.device
         backend = select_backend(self.backend, device)
         batch = batch_size(x)
@@ -180,16 +185,20 @@ class EarlyExitModel(nn.Module):
         for k in range(self.num_exits):
             if ids.numel() == 0:
                 break
-            state, leave, history = self._exit(k, state, ids, history, policy, heads[k], out)
+            state, leave, history = self._exit(k, state, ids, history, policy, thresholds[k], heads[k], out)
             if k < self.num_exits - 1:
                 state, ids, scores, predictions = backend.compact(
                     ~leave, state, ids, history.scores, history.predictions, where=f"the output of stage {k}"
                 )
                 history = ExitHistory(scores, predictions)
-        return out.result(policy.num_classes)
+        result = out.result(policy.num_classes)
+        if controller is not None:
+            controller.observe(result.exits)
+        return result
+
     def _exit(
-        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, head: nn.Module,
-        out: "_Results",
+        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, threshold: torch.Tensor,
+        head: nn.Module, out: "_Results",
     ) -> tuple[Any, torch.Tensor, ExitHistory]:
         """Exit ``k`` on the running rows (sample ids ``ids [B]``): stage, head, decision, and the
         leaving rows' results written to ``out``. Returns the stage output, ``leave [B]`` bool and
@@ -197,7 +206,7 @@ class EarlyExitModel(nn.Module):
         state = self.stages[k](state) if k else self._first_stage(self.stages[0], state)
         logits = head(state)
         backend = select_backend(self.backend, logits.device)  # under torch.compile, "auto" is "torch"
-        q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1)
+        q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1, threshold)
         out.write(backend, k, leave, ids, logits, prediction, nonfinite)
         return state, leave, history.extend(q, prediction)
 

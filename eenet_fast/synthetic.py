@@ -27,6 +27,7 @@ def make_synthetic_outputs(
     num_classes: int = 10,
     *,
     miscalibrated: int = 3,
+    class_skew: float = 0.0,
     costs: list[float] | None = None,
     seed: int = 0,
 ) -> ExitOutputs:
@@ -37,6 +38,8 @@ def make_synthetic_outputs(
         num_exits: ``K``.
         num_classes: ``C``.
         miscalibrated: how many classes (the first ones) are confidently predicted whether right or not.
+        class_skew: 0 makes every class equally hard; ``s > 0`` raises class ``c``'s difficulty to the
+            power ``exp(-s (2 c / (C - 1) - 1))``, so the last classes are harder than the first.
         costs: cumulative exit costs; default ``[1/K, 2/K, ..., 1]``.
         seed: the random seed; the same seed gives the same outputs.
     """
@@ -44,6 +47,8 @@ def make_synthetic_outputs(
     n, k_, c = num_samples, num_exits, num_classes
     labels = torch.randint(c, (n,), generator=g)
     difficulty = torch.rand(n, generator=g)
+    if class_skew:
+        difficulty = difficulty ** torch.exp(-class_skew * (2 * labels / (c - 1) - 1))
     skills = torch.linspace(0.55, 0.92, k_)
     logits = torch.empty(k_, n, c)
     for k in range(k_):

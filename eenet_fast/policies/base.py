@@ -22,7 +22,7 @@ import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
+
+if TYPE_CHECKING:
+    from eenet_fast.guarantee import BudgetGuarantee
 
 __all__ = [
     "ExitHistory",
@@ -245,8 +248,9 @@ class Policy(nn.Module, ABC):
     """An exit policy: scores per exit plus thresholds fitted for a budget.
 
     Subclasses implement :meth:`score` and :meth:`_fit`. After :meth:`fit`, ``thresholds`` is a
-    ``[K]`` float32 buffer (``T_K = -inf``), ``costs`` the ``[K]`` float64 buffer of costs and
-    ``budget`` the absolute budget it was fitted for.
+    ``[K]`` float32 buffer (``T_K = -inf``), ``costs`` the ``[K]`` float64 buffer of costs,
+    ``budget`` the absolute budget it was fitted for and ``guarantee`` what a fit with a confidence
+    certified.
     """
 
     name: ClassVar[str]
@@ -258,6 +262,7 @@ class Policy(nn.Module, ABC):
         self.register_buffer("costs", None)
         self.budget: float | None = None
         self.num_classes: int | None = None
+        self.guarantee: BudgetGuarantee | None = None
         self._score_heads_on: dict[tuple[int, str], ScoreHeadParams | None] = {}
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "Policy":
@@ -305,8 +310,16 @@ class Policy(nn.Module, ABC):
         return torch.stack(rows)
 
     # -------------------------------------------------------------- fitting
-    def fit(self, val: ExitOutputs, budget: float | str) -> "Policy":
-        """Fit on validation outputs (with labels and costs) for an average-cost ``budget``."""
+    def fit(
+        self, val: ExitOutputs, budget: float | str, *, confidence: float | None = None, holdout: float = 0.5, seed: int = 0
+    ) -> "Policy":
+        """Fit on validation outputs (with labels and costs) for an average-cost ``budget``.
+
+        With ``confidence`` (e.g. 0.95) the policy is fitted on a seeded ``1 - holdout`` share of
+        ``val`` and its thresholds are certified on the rest, so that the mean cost per sample of new
+        data is at most the budget with probability at least ``confidence``; ``guarantee`` then holds
+        the :class:`~eenet_fast.guarantee.BudgetGuarantee` (see :mod:`eenet_fast.guarantee`).
+        """
         costs = val.require_costs()
         val.require_labels()
         if val.num_samples == 0:
@@ -314,13 +327,23 @@ class Policy(nn.Module, ABC):
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
         self._score_heads_on = {}  # the score heads change with the fit
+        self.guarantee = None
+        fit_part = val
+        if confidence is not None:
+            from eenet_fast import guarantee  # it builds on this module
+
+            guarantee.check_confidence(confidence, holdout)
+            fit_part, holdout_part = guarantee.split_outputs(val, holdout, seed)
         with _one_thread():
-            self.thresholds = self._fit(val, self.budget)
+            self.thresholds = self._fit(fit_part, self.budget)
         self.requires_grad_(False)
-        exits = self.assign(val)
+        exits = self.assign(fit_part)
         cost = average_cost(exits, costs)
         if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
             raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
+        if confidence is not None:
+            with _one_thread():
+                self.thresholds, self.guarantee = guarantee.certify(self, fit_part, holdout_part, self.budget, confidence)
         return self
 
     @abstractmethod

@@ -8,6 +8,7 @@ import torch
 
 from eenet_fast.decision import ScoreHeadParams
 from eenet_fast.features import ExitFeatures
+from eenet_fast.guarantee import BudgetGuarantee, check_confidence
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import options
 from eenet_fast.policies.base import (
@@ -141,6 +142,18 @@ class OraclePolicy(Policy):
 
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         raise TypeError("the oracle needs labels: use assign(outputs) on labelled outputs")
+
+    def fit(
+        self, val: ExitOutputs, budget: float | str, *, confidence: float | None = None, holdout: float = 0.5, seed: int = 0
+    ) -> "OraclePolicy":
+        """Fit on all of ``val``; with ``confidence`` the guarantee says the budget holds by construction."""
+        super().fit(val, budget)
+        if confidence is not None:
+            check_confidence(confidence, holdout)
+            cost = average_cost(self.assign(val), self.costs)
+            self.guarantee = BudgetGuarantee(confidence, "by construction", val.num_samples, 0, cost, self.budget, 0.0,
+                                             "the oracle spends at most the budget on every labelled set it is applied to")
+        return self
 
     def _fit(self, val: ExitOutputs, budget: float) -> torch.Tensor:
         thresholds = torch.zeros(val.num_exits)

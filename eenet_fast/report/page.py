@@ -65,9 +65,26 @@ def _html_table(records: list[dict[str, Any]]) -> str:
          f"{r['val_avg_cost']:.4g}", f"{r['avg_cost']:.4g}", " / ".join(f"{100 * f:.1f}" for f in r["exit_fractions"])]
         for r in records
     ]
+    if any("guarantee" in r for r in records):  # certified budgets: the promise and how it went on test
+        headers += ["confidence %", "upper bound", "test cost <= budget"]
+        for row, r in zip(rows, records):
+            g = r.get("guarantee")
+            row += ["-"] * 3 if g is None else [f"{100 * g['confidence']:.4g}", f"{g['upper_bound']:.4g}",
+                                                "yes" if r["avg_cost"] <= r["budget"] else "no"]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _promise(records: list[dict[str, Any]]) -> str:
+    """What the certified budgets promise and assume (empty when none is certified)."""
+    g = next((r["guarantee"] for r in records if "guarantee" in r), None)
+    if g is None:
+        return ""
+    return html.escape(
+        f" Budgets certified at {100 * g['confidence']:.4g}% confidence ({g['method']}): the mean cost on new data "
+        f"stays within the budget with that probability. Assumes: {g['assumptions']}."
+    )
 
 
 _STYLE = """
@@ -119,7 +136,7 @@ Budgets: {', '.join(budget_label(b) for b in data['budgets'])}.</p>
 {chr(10).join(sections)}
 <h2>Table</h2>
 {_html_table(data['records'])}
-<p class="caption">The numbers behind every figure are in report.json; this table is also in table.md.</p>
+<p class="caption">The numbers behind every figure are in report.json; this table is also in table.md.{_promise(data['records'])}</p>
 </body>
 </html>
 """

@@ -111,6 +111,7 @@ def write_report(
     seed: int = 0,
     progress: bool = True,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
+    confidence: float | None = None,
 ) -> Path:
     """Calibrate every policy over a grid of budgets and write the report into the folder ``out_dir``.
 
@@ -126,6 +127,7 @@ def write_report(
         seed: seed of EENet's training and of the scatter subsampling.
         progress: show a progress bar while calibrating.
         policy_options: extra constructor options per policy name, e.g. ``{"eenet": {"epochs": 10}}``.
+        confidence: certify every budget at this level (see :func:`eenet_fast.evaluate.compare`).
 
     Returns:
         The path of ``index.html`` (under ``out_dir`` as given).
@@ -148,7 +150,8 @@ def write_report(
     out = Path(os.path.realpath(out_dir))
     staging, created = _start_folder(out)
     try:
-        calibrations = compare(val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress)
+        calibrations = compare(val, test, grid, policies, seed=seed, policy_options=policy_options, progress=progress,
+                               confidence=confidence)
         data = report_data(calibrations, val, test, grid, seed=seed)
         _write_files(staging, data, draw_figures(data))
         _move_into_place(staging, out)
