@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies.base import Policy, _tilt, assign_exits, thresholds_for_fractions
+from eenet_fast.policies.base import Policy
+from eenet_fast.policies.thresholds import assign_exits, thresholds_for_fractions, tilt
 
 __all__ = ["Adjustment", "BudgetController", "BudgetInfeasibleWarning"]
 
@@ -112,7 +113,7 @@ class BudgetController:
         mix /= max(calibration.num_samples, 1)
         half = round(max_tilt / step)
         self.tilts = torch.arange(-half, half + 1, dtype=torch.float64) * step
-        table = [thresholds_for_fractions(scores, _tilt(mix, float(s))) for s in self.tilts]
+        table = [thresholds_for_fractions(scores, tilt(mix, float(s))) for s in self.tilts]
         table[half] = policy.thresholds.float().cpu()  # tilt 0 is the policy itself
         self.table = torch.stack(table)  # [G, K]
         expected = torch.stack([self.costs[assign_exits(scores, t)].mean() for t in self.table])

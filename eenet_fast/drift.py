@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies.base import Policy, assign_exits
+from eenet_fast.policies.base import Policy
+from eenet_fast.policies.thresholds import assign_exits
 
 if TYPE_CHECKING:
     from eenet_fast.control import BudgetController

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
-from eenet_fast.policies.base import average_cost
+from eenet_fast.policies.thresholds import average_cost
 
 __all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
 

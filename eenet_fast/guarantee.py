@@ -17,7 +17,7 @@ and RCPS), which adapt to the cost's variance and are tighter than Hoeffding-Ben
 1. split the validation outputs (seeded) into a fitting part A and a holdout part B;
 2. fit the policy on A; from the exit mix its thresholds give on A, build a fixed, ordered family of
    thresholds on A's scores: the exponential tilt of that mix towards cheaper exits
-   (:func:`~eenet_fast.policies.base.thresholds_for_fractions` of ``_tilt(mix, log_s)``) over a
+   (:func:`~eenet_fast.policies.thresholds.thresholds_for_fractions` of ``tilt(mix, log_s)``) over a
    grid of ``log_s`` from "every sample at exit 1" up to the fitted thresholds (``log_s = 0``);
 3. on B, test each member's null hypothesis "mean cost > budget" with a valid p-value for the mean
    of a bounded variable (costs lie in ``[c_1, c_K]``; :func:`betting_pvalues`), in that fixed order
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies.base import _tilt, assign_exits, thresholds_for_fractions
+from eenet_fast.policies.thresholds import assign_exits, thresholds_for_fractions, tilt
 
 if TYPE_CHECKING:
     from eenet_fast.policies.base import Policy
@@ -195,7 +195,7 @@ def tilt_family(scores: torch.Tensor, fitted: torch.Tensor) -> tuple[list[torch.
     num_exits, n = scores.shape
     mix = torch.bincount(assign_exits(scores, fitted), minlength=num_exits).double() / max(n, 1)
     first = torch.full((num_exits,), -math.inf, dtype=torch.float32)
-    members = [first] + [thresholds_for_fractions(scores, _tilt(mix, s)) for s in reversed(LOG_TILTS)] + [fitted]
+    members = [first] + [thresholds_for_fractions(scores, tilt(mix, s)) for s in reversed(LOG_TILTS)] + [fitted]
     return members, [-math.inf, *reversed(LOG_TILTS), 0.0]
 
 

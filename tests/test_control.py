@@ -12,7 +12,7 @@ from eenet_fast import make_policy
 from eenet_fast.control import BudgetController, BudgetInfeasibleWarning
 from eenet_fast.drift import drift_stream, replay, running_mean
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies.base import assign_exits
+from eenet_fast.policies.thresholds import assign_exits
 from eenet_fast.runtime import EarlyExitModel
 from eenet_fast.synthetic import make_synthetic_outputs
 

@@ -21,7 +21,7 @@ from eenet_fast.guarantee import (
 )
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import make_policy
-from eenet_fast.policies.base import assign_exits
+from eenet_fast.policies.thresholds import assign_exits
 from eenet_fast.synthetic import make_synthetic_outputs
 
 

@@ -3,8 +3,19 @@ import math
 import pytest
 import torch
 
-from eenet_fast import POLICIES, BudgetError, InputError, PolicyError, evaluate, make_policy
-from eenet_fast.policies.base import assign_exits, resolve_budget, thresholds_for_fractions
+from eenet_fast import (
+    POLICIES,
+    BudgetError,
+    InputError,
+    PolicyError,
+    evaluate,
+    make_policy,
+)
+from eenet_fast.policies.thresholds import (
+    assign_exits,
+    resolve_budget,
+    thresholds_for_fractions,
+)
 
 FAST = {"eenet": {"epochs": 20, "progress": False}}
 

@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from eenet_fast.errors import PolicyError
-from eenet_fast.policies.base import ExitHistory, Policy, assign_exits, parse_budget, resolve_budget
+from eenet_fast.policies.base import ExitHistory, Policy
 from eenet_fast.policies.baselines import (
     EntropyPolicy,
     MaxProbPolicy,
@@ -15,6 +15,7 @@ from eenet_fast.policies.baselines import (
     SearchPolicy,
 )
 from eenet_fast.policies.eenet import EENetPolicy
+from eenet_fast.policies.thresholds import assign_exits, parse_budget, resolve_budget
 
 __all__ = [
     "POLICIES",

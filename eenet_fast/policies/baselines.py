@@ -11,9 +11,8 @@ from eenet_fast.features import ExitFeatures
 from eenet_fast.guarantee import BudgetGuarantee, check_confidence
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import options
-from eenet_fast.policies.base import (
-    ExitHistory,
-    Policy,
+from eenet_fast.policies.base import ExitHistory, Policy
+from eenet_fast.policies.thresholds import (
     assign_exits,
     average_cost,
     best_over_bases,

@@ -43,12 +43,8 @@ from eenet_fast.errors import PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import options
-from eenet_fast.policies.base import (
-    ExitHistory,
-    Policy,
-    best_over_bases,
-    random_bases,
-)
+from eenet_fast.policies.base import ExitHistory, Policy
+from eenet_fast.policies.thresholds import best_over_bases, random_bases
 
 __all__ = ["ScoreHead", "AssignmentHead", "Scheduler", "EENetPolicy"]
 
