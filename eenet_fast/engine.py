@@ -127,6 +127,8 @@ class ExitEngine:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             future.set_result(ExitResult(torch.empty(0, self.policy.num_classes, device=self.device), empty, empty.clone(),
                                          torch.empty(0, dtype=torch.bool, device=self.device)))
+            self.stats.request("accepted")
+            self.stats.answered([[]], [0.0])
             return future
         now = time.perf_counter()
         request = Request(future, size, now, size)
