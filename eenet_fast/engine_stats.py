@@ -66,6 +66,14 @@ class EngineStats:
                     self._cost += self.costs[k]
                     self._latency.append((k, latency))
 
+    def running_cost(self) -> tuple[float | None, float | None]:
+        """``(average cost per answered sample, its ratio to the budget)``; ``None`` before any answer."""
+        with self._lock:
+            samples, cost = sum(self._exits), self._cost
+        if not samples:
+            return None, None
+        return cost / samples, cost / samples / self.budget if self.budget else None
+
     def snapshot(self, queues: Sequence[int] = ()) -> dict[str, Any]:
         """A JSON-ready view: ``requests`` (counts by outcome), ``samples`` (answered),
         ``stages`` (per stage: ``steps``, ``mean_batch``, ``queue``), ``exit_counts``, ``exit_mix``,
