@@ -40,9 +40,22 @@ from eenet_fast.engine import EngineClosed, EngineOverloaded, ExitEngine
 from eenet_fast.http_io import BadRequest, answer_json, input_dtypes, parse_request
 from eenet_fast.runtime import EarlyExitModel, ExitResult, wrap
 
-__all__ = ["EarlyExitServer", "build_app", "load_model", "run_server"]
+__all__ = ["EarlyExitServer", "build_app", "load_model", "resolve_factory", "run_server"]
 
 Factory = Callable[[], Any]
+
+
+def resolve_factory(factory: str | Factory) -> Factory:
+    """The factory function named ``"package.module:function"`` (a callable is returned as it is)."""
+    if not isinstance(factory, str):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    if not attr:
+        raise ValueError(f"the model factory must be written 'package.module:function', got {factory!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot load the model factory {factory!r}: {error}") from None
 
 
 def load_model(factory: str | Factory, policy: bytes | str | Path) -> tuple[EarlyExitModel, Any]:
@@ -51,15 +64,7 @@ def load_model(factory: str | Factory, policy: bytes | str | Path) -> tuple[Earl
     Returns:
         ``(model, example)``: the model in eval mode, and the factory's example batch (or ``None``).
     """
-    if isinstance(factory, str):
-        module_name, _, attr = factory.partition(":")
-        if not attr:
-            raise ValueError(f"the model factory must be written 'package.module:function', got {factory!r}")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"cannot load the model factory {factory!r}: {error}") from None
-    built = factory()
+    built = resolve_factory(factory)()
     model, example = built if isinstance(built, tuple) else (built, None)
     if not isinstance(model, EarlyExitModel):
         model = wrap(model)
@@ -221,6 +226,7 @@ def build_app(
         from ray import serve
     except ImportError:
         raise ImportError("serving needs Ray Serve: pip install 'eenet-fast[serve]'") from None
+    resolve_factory(model)  # a wrong name fails here, not in every replica
     engine = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "stage_batch": stage_batch, "max_pending": max_pending}
     deployment = serve.deployment(
         EarlyExitServer,
@@ -235,13 +241,14 @@ def build_app(
 
 
 def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-               route_prefix: str = "/", blocking: bool = True) -> Any:
+               name: str = "default", route_prefix: str = "/", blocking: bool = True) -> Any:
     """Start Ray (or join the cluster at ``address``, e.g. ``"auto"``), serve HTTP on ``host:port``
-    and run ``app``; with ``blocking`` until interrupted, then shut down (draining)."""
+    and run ``app`` as application ``name`` under ``route_prefix``; with ``blocking``, until
+    interrupted, then shut down (draining). Returns the application's handle."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(app, route_prefix=route_prefix, blocking=blocking)
+    return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)

@@ -54,7 +54,7 @@ def served(tmp_path_factory):
     import requests  # noqa: F401 - installed with ray[serve]
     from ray import serve
 
-    from eenet_fast.serving import build_app
+    from eenet_fast.serving import build_app, run_server
 
     model, _ = model_factory()
     random_policy(model, "eenet", 4, 0.4)
@@ -65,10 +65,9 @@ def served(tmp_path_factory):
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}})
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app("test_serving:model_factory", policy, name="fast", num_cpus=0.5, max_batch=16,
                         max_wait_ms=2, max_body_bytes=64 << 10)
-        serve.run(app, name="fast", route_prefix="/fast")
+        run_server(app, port=port, name="fast", route_prefix="/fast", blocking=False)
         yield {"model": model, "policy": policy, "url": f"http://127.0.0.1:{port}"}
     finally:
         serve.shutdown()
@@ -136,6 +135,19 @@ def test_bad_requests_get_a_4xx_and_do_not_disturb_the_others(served):
         for (_, status, message), f in zip(bad, bad_futures):
             response = f.result()
             assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_the_serve_command_refuses_a_factory_it_cannot_import(tmp_path):
+    from click.testing import CliRunner
+
+    from eenet_fast.cli import main
+
+    policy = tmp_path / "exits.safetensors"
+    policy.write_bytes(b"")
+    result = CliRunner().invoke(main, ["serve", "--model", "no_such_module:make", "--policy", str(policy)])
+    assert result.exit_code != 0 and "cannot load the model factory 'no_such_module:make'" in result.output
+    result = CliRunner().invoke(main, ["serve", "--model", "no_colon", "--policy", str(policy)])
+    assert result.exit_code != 0 and "'package.module:function'" in result.output
 
 
 def test_shutdown_with_requests_in_flight_answers_or_clearly_refuses_each(served):
