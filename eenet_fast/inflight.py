@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from eenet_fast.batch import map_batch
-from eenet_fast.merging import exact_signature, signature
+from eenet_fast.merging import signatures
 from eenet_fast.policies import ExitHistory
 from eenet_fast.runtime import ExitResult
 
@@ -37,7 +37,7 @@ class Request:
     submitted: float
     remaining: int
     pieces: list = field(default_factory=list)  # (rows, logits, predictions, nonfinite, exits) of rows that left
-    exits: list[int] = field(default_factory=list)  # the exit of each row, once answered
+    exits: list[int] = field(default_factory=list)  # the exits its rows left at so far (in no particular order)
 
     def fail(self, error: BaseException) -> None:
         settle(self.future, error=error)
@@ -49,7 +49,6 @@ class Request:
             rows, logits, predictions, nonfinite, exits = pieces[0]
         else:
             rows, logits, predictions, nonfinite, exits = (torch.cat(column) for column in zip(*pieces))
-        self.exits = exits.tolist()
         if self.size > 1:
             order = rows.argsort()
             logits, predictions, nonfinite, exits = logits[order], predictions[order], nonfinite[order], exits[order]
@@ -76,7 +75,7 @@ class Rows:
     @classmethod
     def of(cls, state: Any, owners: list[Request], rows: torch.Tensor, history: ExitHistory | None,
            nonfinite: torch.Tensor | None, since: float) -> "Rows":
-        return cls(state, len(owners), owners, rows, history, nonfinite, since, signature(state), exact_signature(state))
+        return cls(state, len(owners), owners, rows, history, nonfinite, since, *signatures(state))
 
     def _take(self, index: slice | torch.Tensor, owners: list[Request]) -> "Rows":
         history = None if self.history is None else ExitHistory(self.history.scores[index], self.history.predictions[index])
@@ -114,6 +113,7 @@ def hand_out(k: int, leaving: torch.Tensor, owners: list[Request], rows: torch.T
     done = []
     for (request, count), piece in zip(runs, zip(*(t.split([n for _, n in runs]) for t in columns))):
         request.pieces.append(piece)
+        request.exits += [k] * count
         request.remaining -= count
         if request.remaining == 0:
             done.append(request)

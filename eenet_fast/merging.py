@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from eenet_fast.batch import batch_size
 
-__all__ = ["signature", "exact_signature", "mergeable", "merge", "describe"]
+__all__ = ["signature", "exact_signature", "signatures", "mergeable", "merge", "describe"]
 
 _ANY = -1  # a padded sequence length in a signature
 
@@ -79,12 +79,18 @@ def _signature(state: Any, loose: bool) -> Hashable:
 def signature(state: Any) -> Hashable:
     """What states must share to merge: structure, and per tensor its dtype, device and trailing
     shape, with the sequence length of text states (and whether their ``"mask"`` is ``None``) left out."""
-    return _signature(state, loose=True)
+    return _leaf(state, None) if type(state) is torch.Tensor else _signature(state, loose=True)
 
 
 def exact_signature(state: Any) -> Hashable:
     """:func:`signature` with sequence lengths and ``None`` masks included: states that merge without padding."""
-    return _signature(state, loose=False)
+    return _leaf(state, None) if type(state) is torch.Tensor else _signature(state, loose=False)
+
+
+def signatures(state: Any) -> tuple[Hashable, Hashable]:
+    """``(signature(state), exact_signature(state))`` in one go (the same object when no padding applies)."""
+    loose = signature(state)
+    return loose, loose if _sequence_length(state) is None else exact_signature(state)
 
 
 def mergeable(states: Sequence[Any]) -> bool:
