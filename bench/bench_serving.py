@@ -13,7 +13,7 @@ fractions of the full model's throughput at ``--max-batch`` measured in the same
   and (b) per-batch early exit (``EarlyExitModel.forward``), each behind a batcher with
   ``@serve.batch``'s rule (whole requests up to ``--max-batch`` samples, run when full or after
   ``--batch-wait-ms``), and (c) the engine;
-* **ray** (``--ray``): the same three as Ray Serve deployments with one replica each (the baselines
+* **ray**: the same three as Ray Serve deployments with one replica each (the baselines
   under ``@serve.batch``, the engine through :func:`eenet_fast.serving.build_app`), JSON over HTTP
   on 127.0.0.1 with ``--ray-images`` images per request.
 
@@ -248,6 +248,11 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
         payloads = [json.dumps({"inputs": pool[j * n : (j + 1) * n].tolist()}).encode() for j in range(min(400, len(pool) // n))]
         url = f"http://127.0.0.1:{port}"
 
+        def stats() -> dict:
+            import requests
+
+            return requests.get(f"{url}/engine/stats", timeout=30).json()
+
         def load(system: str, rate: float) -> list:
             arrivals = poisson_times(rate, args.seconds, min(args.max_requests, int(rate * args.seconds) + 1), seed=int(rate))
             return asyncio.run(run_http(f"{url}/{system}", payloads, n, arrivals, drain_s=60))
@@ -259,8 +264,10 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
             rate = fraction * capacity
             for system in ("full", "per_batch", "engine"):
                 exits, predictions = expected["full" if system == "full" else "adaptive"]
+                before = stats()
                 point = summarize(load(system, rate), labels, exits, predictions,
                                   [1.0] * len(costs) if system == "full" else costs, rate * n)
+                point["mean_batch"] = engine_batches(before, stats()) if system == "engine" else None
                 points.append({"system": system, "fraction": fraction, **point})
                 print(f"ray   {system:9s} x{fraction:<4} {json.dumps(point)}", flush=True)
         return {"full_capacity_per_s": round(capacity * n, 1), "images_per_request": n, "points": points}
@@ -306,7 +313,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the engine's max_wait_ms")
     parser.add_argument("--seconds", type=float, default=6.0, help="arrivals per point (bounded by count too)")
     parser.add_argument("--max-requests", type=int, default=8000, help="the most requests one point sends")
-    parser.add_argument("--ray", action="store_true", help="also sweep the Ray Serve deployments")
+    parser.add_argument("--parts", default="alone,ray", help="which sweeps: alone (no Ray), ray, or both")
     parser.add_argument("--ray-images", type=int, default=16, help="images per HTTP request")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
@@ -325,9 +332,10 @@ def main() -> None:
         "cpus": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args) | {"out": str(args.out)},
         "load_average": os.getloadavg(),
     }
-    report["alone"] = sweep_alone(model, pool, labels[:8192], expected, args)
-    report["alone"]["verdict"] = verdict(report["alone"])
-    if args.ray:
+    if "alone" in args.parts:
+        report["alone"] = sweep_alone(model, pool, labels[:8192], expected, args)
+        report["alone"]["verdict"] = verdict(report["alone"])
+    if "ray" in args.parts:
         report["ray"] = sweep_ray(args.model, policy, pool, labels[:8192], expected, model.policy.costs.tolist(), args)
         report["ray"]["verdict"] = verdict(report["ray"])
     args.out.mkdir(parents=True, exist_ok=True)
