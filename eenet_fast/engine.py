@@ -260,7 +260,7 @@ class ExitEngine:
                 self._counts[k] -= rows.size
                 continue
             if taken and (rows.key != taken[0].key or rows.exact != taken[0].exact and not mergeable(
-                    [r.state for r in taken] + [rows.state])):
+                    [taken[0].state, rows.state])):  # mergeable with the first: then with all of them
                 skipped.append(rows)
                 continue
             if count + rows.size > limit:
