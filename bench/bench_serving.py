@@ -253,11 +253,11 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
 
             return requests.get(f"{url}/engine/stats", timeout=30).json()
 
-        def load(system: str, rate: float) -> list:
-            arrivals = poisson_times(rate, args.seconds, min(args.max_requests, int(rate * args.seconds) + 1), seed=int(rate))
+        def load(system: str, rate: float, count: int = args.max_requests) -> list:
+            arrivals = poisson_times(rate, args.seconds, min(count, int(rate * args.seconds) + 1), seed=int(rate))
             return asyncio.run(run_http(f"{url}/{system}", payloads, n, arrivals, drain_s=60))
 
-        probe = summarize(load("full", 1000.0), labels, *expected["full"], [1.0] * len(costs), 1000.0)
+        probe = summarize(load("full", 1000.0, 3000 // n), labels, *expected["full"], [1.0] * len(costs), 1000.0)
         capacity = probe["throughput_per_s"] / n  # requests per second at saturation
         points = []
         for fraction in FRACTIONS:
