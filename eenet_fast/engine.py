@@ -127,13 +127,6 @@ class ExitEngine:
             raise ValueError(f"the request is {describe(x)} but this engine serves {self.example[1]}: "
                              "send inputs of the same structure, dtypes and shapes")
         future: Future = Future()
-        if size == 0:
-            empty = torch.empty(0, dtype=torch.long, device=self.device)
-            future.set_result(ExitResult(torch.empty(0, self.policy.num_classes, device=self.device), empty, empty.clone(),
-                                         torch.empty(0, dtype=torch.bool, device=self.device)))
-            self.stats.request("accepted")
-            self.stats.answered([[]], [0.0])
-            return future
         now = time.perf_counter()
         request = Request(future, size, now, size)
         with self._cond:
@@ -143,12 +136,21 @@ class ExitEngine:
             if self.max_pending is not None and self._counts[0] + size > self.max_pending:
                 self.stats.request("rejected")
                 raise EngineOverloaded(f"{self._counts[0]} samples already wait (max_pending={self.max_pending}); retry later")
+            self.stats.request("accepted")
+            if size == 0:
+                self._answer_empty(request)
+                return future
             rows = Rows(x, size, [request] * size, self._arange(size), None, None, now, key, exact)
             self._queues[0].append(rows)
             self._counts[0] += size
-            self.stats.request("accepted")
             self._cond.notify()
         return future
+
+    def _answer_empty(self, request: Request) -> None:
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        logits = torch.empty(0, self.policy.num_classes, device=self.device)
+        self.stats.answered([[]], [0.0])
+        settle(request.future, ExitResult(logits, empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=self.device)))
 
     def _arange(self, size: int) -> torch.Tensor:
         """``arange(size)`` on the device, shared by the requests of that size (never written to)."""

@@ -173,7 +173,9 @@ def test_shutdown_with_requests_in_flight_answers_or_clearly_refuses_each(served
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while requests.get(url + "/stats", timeout=30).json()["requests"]["accepted"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until requests are in the engine
     serve.delete("slow")  # waits for the replica to drain and stop
     for t in threads:
         t.join(timeout=180)
