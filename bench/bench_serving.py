@@ -270,7 +270,8 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
             serve.run(baseline_deployment(mode).bind(factory, policy_bytes, args.max_batch, wait), name=mode,
                       route_prefix=f"/{mode}")
         serve.run(build_app(factory, policy, name="engine", num_cpus=0.5, max_batch=args.max_batch,
-                            max_wait_ms=args.max_wait_ms), name="engine", route_prefix="/engine")
+                            max_wait_ms=args.max_wait_ms, max_pending=None),  # queue like the baselines do
+                  name="engine", route_prefix="/engine")
         n = args.ray_images
         payloads = [json.dumps({"inputs": pool[j * n : (j + 1) * n].tolist()}).encode() for j in range(min(400, len(pool) // n))]
         url = f"http://127.0.0.1:{port}"
@@ -319,12 +320,12 @@ def verdict(part: dict[str, Any]) -> dict[str, Any]:
 
 def table(part: dict[str, Any]) -> str:
     rows = ["| system | load | offered/s | throughput/s | p50 ms | p99 ms | p50 ms by exit | mean batch per stage | accuracy | "
-            "cost | lost+wrong |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "cost | refused | lost+wrong |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in part["points"]:
         throughput = f"{p['throughput_per_s']} (rounds {p['rounds']})" if "rounds" in p else p["throughput_per_s"]
         rows.append(f"| {p['system']} | {p['load']} | {p['offered_per_s']} | {throughput} | {p['p50_ms']} | "
                     f"{p['p99_ms']} | {p['p50_ms_by_exit']} | {p['mean_batch']} | {p['accuracy']} | {p['avg_cost']} | "
-                    f"{p['lost'] + p['wrong']} |")
+                    f"{p.get('refused', 0)} | {p['lost'] + p['wrong']} |")
     return "\n".join(rows)
 
 

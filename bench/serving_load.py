@@ -183,7 +183,8 @@ def summarize(records: list[Record], labels: torch.Tensor, expected_exits: torch
         "offered_per_s": round(offered, 1),
         "requests": len(records),
         "answered": len(done),
-        "lost": len(records) - len(done),
+        "refused": sum(r.error is not None for r in records),  # an error answer (a 503 under overload, ...)
+        "lost": sum(r.done is None and r.error is None for r in records),  # no answer at all
         "errors": sorted({r.error for r in records if r.error})[:3],
         "wrong": wrong,
         "throughput_per_s": round(samples / span, 1) if span > 0 else math.nan,
