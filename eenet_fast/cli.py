@@ -179,5 +179,36 @@ def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...],
     click.echo(f"Report written to {index}")
 
 
+@main.command()
+@click.option("--model", "factory", required=True,
+              help="The model factory, 'package.module:function' (importable on every node): it returns the model "
+                   "(an EarlyExitModel or a model wrap() takes), or (model, example_batch).")
+@click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The policy file saved by model.save_policy().")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address (0.0.0.0 to serve other machines).")
+@click.option("--port", default=8000, show_default=True, help="HTTP port.")
+@click.option("--address", default=None, help="Join the Ray cluster at this address ('auto' on a cluster node); "
+                                                "default: start Ray on this machine.")
+@click.option("--replicas", default=1, show_default=True, help="Replicas (one engine each).")
+@click.option("--num-cpus", default=1.0, show_default=True, help="CPUs per replica.")
+@click.option("--num-gpus", default=0.0, show_default=True, help="GPUs per replica.")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads per replica.")
+@click.option("--max-batch", default=64, show_default=True, help="The most samples one engine step runs.")
+@click.option("--max-wait-ms", default=5.0, show_default=True,
+              help="How long rows wait in a stage's queue for a full batch before that stage is ready.")
+def serve(factory: str, policy: Path, host: str, port: int, address: str | None, replicas: int, num_cpus: float,
+          num_gpus: float, threads: int, max_batch: int, max_wait_ms: float) -> None:
+    """Serve a model with its calibrated policy on Ray Serve: POST / {"inputs": [...]} (until Ctrl-C)."""
+    try:
+        from eenet_fast.serving import build_app, run_server
+
+        app = build_app(factory, policy, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads,
+                        max_batch=max_batch, max_wait_ms=max_wait_ms)
+    except (ImportError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"serving {factory} with {policy} on http://{host}:{port}/ (GET /health, GET /stats; Ctrl-C stops)")
+    run_server(app, host=host, port=port, address=address)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

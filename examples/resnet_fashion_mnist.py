@@ -22,14 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import calibrate_and_run
-from eenet_fast import fit_exits, wrap
+from eenet_fast import EarlyExitModel, fit_exits, wrap
 from eenet_fast.datasets import load_fashion_mnist
 from eenet_fast.zoo import ResNet
 
 
-def main() -> dict[str, float]:
+def trained_resnet(data: dict) -> tuple[nn.Module, EarlyExitModel, list, list, list]:
+    """The ResNet trained briefly on Fashion-MNIST and wrapped with trained exit heads.
+
+    Returns:
+        ``(net, model, train, val, test)``: the ResNet, the wrapped model (eval mode), and lists of
+        ``(x, y)`` batches.
+    """
     torch.manual_seed(0)
-    data = load_fashion_mnist()
     x, y = data["train"]
     train = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 25_600, 128)]
     val = [(x[i : i + 500], y[i : i + 500]) for i in range(50_000, 55_000, 500)]
@@ -55,6 +60,11 @@ def main() -> dict[str, float]:
     start = time.perf_counter()
     fit_exits(model, train[:100], 2, lr=3e-3, progress=False, seed=0)  # only the new heads learn
     print(f"trained the {len(model.new_heads)} new exit heads (ResNet frozen) in {time.perf_counter() - start:.0f} s")
+    return net, model.eval(), train, val, test
+
+
+def main() -> dict[str, float]:
+    net, model, _, val, test = trained_resnet(load_fashion_mnist())
     # budgets in measured time (full model = 1.0), where FLOPs undercount the memory-bound early layers
     return calibrate_and_run(model, net, val, test, budgets=(0.5, 0.65, 0.8), budget=0.65, costs="latency")
 

