@@ -68,6 +68,10 @@ class ExitEngine:
             :class:`EngineOverloaded` (``None``: no limit).
         example: a batch like those the engine will serve; requests whose structure, dtypes or
             shapes differ (the batch and text lengths aside) are refused at :meth:`submit`.
+
+    The model's ``controller`` (a :class:`~eenet_fast.control.BudgetController`), when it has one,
+    gives the thresholds of every step and observes every sample as it leaves, so the engine holds
+    the budget online as :meth:`EarlyExitModel.forward` does.
     """
 
     def __init__(
@@ -89,7 +93,10 @@ class ExitEngine:
         limits = list(stage_batch) if stage_batch is not None else [None] * model.num_exits
         if len(limits) != model.num_exits or any(b is not None and b < 1 for b in limits):
             raise ValueError(f"stage_batch needs {model.num_exits} limits >= 1 (or None), got {stage_batch}")
-        self.model, self.policy = model, model.policy
+        self.model, self.policy, self.controller = model, model.policy, model.controller
+        if self.controller is not None and self.controller.policy is not self.policy:
+            raise RuntimeError("the model's controller was built for another policy: set "
+                               "model.controller = BudgetController(model.policy, val)")
         self.limits = [max_batch if b is None else int(b) for b in limits]
         self.max_wait = max_wait_ms / 1000
         self.max_pending = max_pending
@@ -289,11 +296,12 @@ class ExitEngine:
             predictions = torch.cat([c.history.predictions for c in chunks])
             seen = torch.cat([c.nonfinite for c in chunks])
         last = k == len(self._queues) - 1
+        thresholds = self.policy.thresholds if self.controller is None else self.controller.thresholds()
         try:
             state = self.model.stages[k](merge([c.state for c in chunks]))
             logits = self.model.heads[k](state)
             q, prediction, leave, nonfinite = self.backend.decide(
-                self.policy, k, logits, ExitHistory(scores, predictions), last, self.policy.thresholds[k]
+                self.policy, k, logits, ExitHistory(scores, predictions), last, thresholds[k]
             )
         except Exception as error:  # noqa: BLE001 - the error goes to the requests it concerns
             self._isolate(k, chunks, owners, error)
@@ -303,6 +311,8 @@ class ExitEngine:
         history = ExitHistory(scores, predictions).extend(q, prediction)
         leaving = leave.nonzero().squeeze(1)
         if leaving.numel():
+            if self.controller is not None:
+                self.controller.observe(torch.full((leaving.numel(),), k, dtype=torch.long))
             self._answer(k, leaving, owners, rows, logits, prediction, seen)
         if leaving.numel() < len(owners):
             keep = ~leave

@@ -265,3 +265,26 @@ def test_text_requests_of_different_lengths_get_the_answers_forward_gives_them()
         for r, f in zip(requests, futures):
             assert_same(f.result(timeout=60), model(r))
         assert engine.snapshot()["stages"][1]["mean_batch"] > 1  # rows of different lengths did merge
+
+
+def test_the_models_controller_sets_the_thresholds_and_sees_every_sample():
+    from eenet_fast.control import BudgetController
+
+    model = mlp_model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, D, generator=g)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(C, (512,), generator=g), [1.0, 2.0, 3.0])
+    model.calibrate(outputs, 2.0, policy="maxprob")
+    model.controller = BudgetController(model.policy, outputs, step=0.05, window=100, gain=50)
+    scores = model.policy.exit_scores(outputs)
+    hard = x[scores[0] < scores[0].quantile(0.3)]  # the samples the first exit is least sure of: they cost more
+    try:
+        with ExitEngine(model, max_batch=16) as engine:
+            results = list(engine.map(hard.split(8)))
+        assert sum(r.exits.numel() for r in results) == hard.shape[0] == model.controller.seen
+        assert model.controller.log_tilt < 0  # it moved towards cheaper exits
+        model.calibrate(outputs, 2.5, policy="maxprob")
+        with pytest.raises(RuntimeError, match="built for another policy"):
+            ExitEngine(model)
+    finally:
+        model.controller = None
