@@ -85,12 +85,18 @@ def move_to(x: Any, device: torch.device | str) -> Any:
     return x
 
 
-def describe(x: Any) -> str:
-    """What ``x`` holds, for error messages: every tensor's dtype, shape and device, in ``x``'s structure."""
+def describe(x: Any, batch: int | None = None) -> str:
+    """What ``x`` holds, for error messages: every tensor's dtype, shape and device, in ``x``'s
+    structure (``"a dict {'x': float32 [3, 2] on cpu}"``). With ``batch``, its signature instead:
+    dtypes and shapes with the batch dimension written ``B`` (``"{'x': float32[B, 2]}"``)."""
 
     def inner(value: Any) -> str:
         if isinstance(value, torch.Tensor):
-            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} on {value.device}"
+            dtype = str(value.dtype).removeprefix("torch.")
+            if batch is None:
+                return f"{dtype} {list(value.shape)} on {value.device}"
+            dims = ["B" if i == 0 and d == batch else str(d) for i, d in enumerate(value.shape)]
+            return f"{dtype}[{', '.join(dims)}]"
         if isinstance(value, Shared):
             return f"Shared({inner(value.value)})"
         if isinstance(value, Mapping):
@@ -99,5 +105,7 @@ def describe(x: Any) -> str:
             return "(" + ", ".join(inner(v) for v in value) + ")"
         return type(value).__name__
 
+    if batch is not None:
+        return inner(x)
     kind = "tensor" if isinstance(x, torch.Tensor) else type(x).__name__
     return f"a {kind} {inner(x)}"

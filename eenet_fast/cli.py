@@ -24,6 +24,16 @@ CONFIDENCE_HELP = ("Certify each budget at this level (e.g. 0.95): the mean cost
                    "this probability. Fits on half of the validation outputs, certifies on the other half.")
 
 
+# Options that compare and report share.
+VAL_OPTION = click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                          help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
+TEST_OPTION = click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                           help="Test exit outputs, same format.")
+COSTS_OPTION = click.option("--costs", "costs_text", default=None,
+                            help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
+CONFIDENCE_OPTION = click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                                 help=CONFIDENCE_HELP)
+
 def _parse_costs(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -75,18 +85,14 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
-@click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Test exit outputs, same format.")
+@VAL_OPTION
+@TEST_OPTION
 @click.option("--budget", "budgets", required=True, multiple=True, help=f"Budgets: {BUDGET_HELP}.")
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to fit (repeat for several): {', '.join(POLICIES)}, or all (the default).")
-@click.option("--costs", "costs_text", default=None,
-              help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
+@COSTS_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned and searched policies.")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help=CONFIDENCE_HELP)
+@CONFIDENCE_OPTION
 @click.option("--json", "as_json", is_flag=True,
               help="Print only a JSON list of records (test and validation figures of every policy and budget).")
 def compare(val_path: Path, test_path: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
@@ -149,10 +155,8 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
 
 
 @main.command()
-@click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Validation exit outputs (.npz with logits/probs, labels, costs; or the authors' .pt).")
-@click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Test exit outputs, same format.")
+@VAL_OPTION
+@TEST_OPTION
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the report (index.html, report.json, table.md, the figures): new, empty or "
                    "holding an earlier report, which is replaced when the new one is complete.")
@@ -160,11 +164,9 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
               help=f"Budgets: {BUDGET_HELP} (default: 8 budgets between the first and the last exit's cost).")
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to report on (repeat for several): {', '.join(POLICIES)}, or all (the default).")
-@click.option("--costs", "costs_text", default=None,
-              help="Cumulative cost of each exit, comma-separated (overrides the files' costs).")
+@COSTS_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the learned policies and of the plotted samples.")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help=CONFIDENCE_HELP)
+@CONFIDENCE_OPTION
 def report(val_path: Path, test_path: Path, out: Path, budgets: tuple[str, ...], policy_names: tuple[str, ...],
            costs_text: str | None, seed: int, confidence: float | None) -> None:
     """Calibrate policies over a grid of budgets and write an HTML report of their decisions."""

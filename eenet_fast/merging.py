@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from eenet_fast.batch import batch_size
+from eenet_fast.batch import describe as describe_batch
 
 __all__ = ["signature", "exact_signature", "signatures", "mergeable", "merge", "describe"]
 
@@ -169,17 +170,5 @@ def _pad_mask(mask: torch.Tensor | None, rows: int, old: int, extra: int, exempl
 
 
 def describe(state: Any) -> str:
-    """A short text of a batch's structure, dtypes and shapes (``B`` for the batch), for error messages."""
-    size = batch_size(state)
-
-    def text(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            dims = ["B" if i == 0 and value.shape[0] == size else str(d) for i, d in enumerate(value.shape)]
-            return f"{str(value.dtype).removeprefix('torch.')}[{', '.join(dims)}]"
-        if isinstance(value, Mapping):
-            return "{" + ", ".join(f"{k}: {text(v)}" for k, v in value.items()) + "}"
-        if isinstance(value, (tuple, list)):
-            return "(" + ", ".join(text(v) for v in value) + ")"
-        return type(value).__name__
-
-    return text(state)
+    """A batch's signature for error messages: dtypes and shapes, ``B`` for the batch dimension."""
+    return describe_batch(state, batch_size(state))
