@@ -75,3 +75,14 @@ def test_a_bad_budget_or_option_fails_before_the_loader_is_read(budget, options,
 
     with pytest.raises(ValueError, match=error):
         model.calibrate(loader(), budget, **options)
+
+
+def test_calibrate_is_a_function_beside_fit_exits_and_the_method_is_its_alias():
+    import eenet_fast
+
+    model = mlp_model()
+    outputs = model.collect(_loader(model), progress=False, costs=[1.0, 2.0, 3.0])
+    by_function = eenet_fast.calibrate(model, outputs, 2.0, "maxprob")
+    assert model.policy is by_function
+    by_method = model.calibrate(outputs, 2.0, "maxprob")
+    assert torch.equal(by_function.thresholds, by_method.thresholds)
