@@ -53,7 +53,7 @@ class Split:
 def run(val: ExitOutputs, test: ExitOutputs, budget: float, splits: int, policies: list[str],
         confidence: float = 0.95, progress: bool = True) -> list[Split]:
     """Fit every policy plainly and certified on ``splits`` random re-splits of ``val + test``."""
-    pool = ExitOutputs(torch.cat([val.scores, test.scores], 1), torch.cat([val.labels, test.labels]),
+    pool = ExitOutputs(torch.cat([val.logits, test.logits], 1), torch.cat([val.labels, test.labels]),
                        val.costs, val.is_probs)
     rows = []
     for split in tqdm(range(splits), desc="splits", disable=not progress):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import zipfile
 from contextlib import suppress
 from pathlib import Path
@@ -56,14 +57,39 @@ def _refuse(path: Path, problem: str, valid: str, error: BaseException | None = 
 
 
 def _check_zip(path: Path, valid: str) -> None:
-    """Raise unless ``path`` is a zip archive whose members all pass their CRC check."""
+    """Raise unless ``path`` is a zip archive whose members all pass their CRC check and whose
+    directory lists every member (the members tile the archive up to the directory)."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+            complete = _members_tile(archive, path)
     except Exception as error:  # any failure of the parser means a broken file: zipfile, zlib, struct, OSError...
         raise _refuse(path, "is not a readable zip archive: it is truncated, corrupted or of another format", valid, error) from None
     if bad is not None:
         raise _refuse(path, f"is corrupted: its member {bad!r} fails its CRC check", valid)
+    if not complete:
+        raise _refuse(path, "is corrupted: its directory does not list every member of the archive", valid)
+
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature, versions, flags, method, time, date, crc, sizes, name and extra lengths
+
+
+def _members_tile(archive: zipfile.ZipFile, path: Path) -> bool:
+    """Whether the members the directory lists follow one another from the start of the file to the
+    directory (a damaged directory entry can hide the members after it from ``zipfile``: no CRC
+    covers the directory)."""
+    end = 0
+    with open(path, "rb") as f:
+        for info in sorted(archive.infolist(), key=lambda i: i.header_offset):
+            if info.header_offset != end:
+                return False
+            f.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            end = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10] + info.compress_size
+            if fields[2] & 0x08:  # a data descriptor follows the data: its signature is optional
+                f.seek(end)
+                end += 16 if f.read(4) == b"PK\x07\x08" else 12
+    return end == archive.start_dir
 
 
 def read_arrays(path: str | Path, valid: str) -> dict[str, Any]:

@@ -4,9 +4,11 @@ import os
 import stat
 
 import pytest
+import torch
 
 from eenet_fast.errors import FileFormatError
 from eenet_fast.files import read_arrays, write_atomic
+from eenet_fast.outputs import ExitOutputs
 
 
 def test_write_atomic_creates_parents_replaces_whole_and_keeps_the_usual_mode(tmp_path):
@@ -39,3 +41,17 @@ def test_read_arrays_names_what_a_valid_file_holds(tmp_path):
         read_arrays(tmp_path / "x.txt", "a valid file holds arrays")
     with pytest.raises(FileNotFoundError, match="it is a folder"):
         read_arrays(tmp_path, "a valid file holds arrays")
+
+
+def test_a_damaged_directory_that_hides_a_member_is_refused(tmp_path):
+    """A flipped bit in the zip directory made zipfile list two of three members: the costs vanished
+    without any CRC failing (found by the fuzz test)."""
+    g = torch.Generator().manual_seed(0)
+    outputs = ExitOutputs.from_probs(torch.softmax(torch.randn(3, 6, 4, generator=g), -1),
+                                     torch.randint(4, (6,), generator=g), [1.0, 2.0, 3.0])
+    outputs.save(tmp_path / "valid.npz")
+    data = bytearray((tmp_path / "valid.npz").read_bytes())
+    data[int(0.91015625 * len(data))] ^= 1
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="does not list every member"):
+        ExitOutputs.load(tmp_path / "damaged.npz")

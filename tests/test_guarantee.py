@@ -137,7 +137,7 @@ def test_certified_fits_keep_the_test_cost_within_the_budget():
     """End to end: random validation/test splits of the tests' synthetic outputs; the uncertified
     fit overspends on about half of them."""
     val, test = make_synthetic_outputs(4000, seed=1), make_synthetic_outputs(4000, seed=2)
-    scores = torch.cat([val.scores, test.scores], 1)
+    scores = torch.cat([val.logits, test.logits], 1)
     pool = type(val)(scores, torch.cat([val.labels, test.labels]), val.costs)
     within, plain_within = [], []
     for split in range(40):
