@@ -53,8 +53,7 @@ class Split:
 def run(val: ExitOutputs, test: ExitOutputs, budget: float, splits: int, policies: list[str],
         confidence: float = 0.95, progress: bool = True) -> list[Split]:
     """Fit every policy plainly and certified on ``splits`` random re-splits of ``val + test``."""
-    pool = ExitOutputs(torch.cat([val.logits, test.logits], 1), torch.cat([val.labels, test.labels]),
-                       val.costs, val.is_probs)
+    pool = ExitOutputs(torch.cat([val.logits, test.logits], 1), torch.cat([val.labels, test.labels]), val.costs)
     rows = []
     for split in tqdm(range(splits), desc="splits", disable=not progress):
         perm = torch.randperm(pool.num_samples, generator=torch.Generator().manual_seed(split))
