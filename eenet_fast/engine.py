@@ -84,8 +84,7 @@ class ExitEngine:
         max_pending: int | None = None,
         example: Any = None,
     ) -> None:
-        if model.training:
-            raise RuntimeError("the engine needs the model in eval mode: call model.eval() first")
+        model.require_eval("serve a model")
         if model.policy is None:
             raise RuntimeError("the model has no exit policy: call calibrate(val, budget) or load_policy(path) first")
         if max_batch < 1 or max_wait_ms < 0:
@@ -100,8 +99,7 @@ class ExitEngine:
         self.limits = [max_batch if b is None else int(b) for b in limits]
         self.max_wait = max_wait_ms / 1000
         self.max_pending = max_pending
-        param = next(model.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        self.device = model.device
         self.backend = select_backend(model.backend, self.device)
         self.example = None if example is None else (signature(move_to(example, self.device)), describe(example))
         self.stats = EngineStats(self.policy.costs.tolist(), self.policy.budget)
