@@ -23,7 +23,8 @@ def compact_reference(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch
 
     Returns:
         One ``[count, ...]`` tensor per input (advanced indexing, which keeps channels-last
-        strides; one host sync to count the rows).
+        strides; one host sync to count the rows). When every row is kept, the inputs themselves
+        (no copy).
     """
     if keep.ndim != 1 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a [B] bool tensor, got {keep.dtype} {tuple(keep.shape)}")
@@ -31,6 +32,8 @@ def compact_reference(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch
         if t.ndim < 1 or t.shape[0] != keep.shape[0]:
             raise ValueError(f"every tensor needs the batch ({keep.shape[0]}) first, got shape {tuple(t.shape)}")
     index = keep.nonzero().squeeze(1)
+    if index.numel() == keep.numel():
+        return tensors
     return tuple(t[index] for t in tensors)
 
 
@@ -56,19 +59,24 @@ def write_exited_reference(
             Rows of leaving samples are overwritten (logits cast to ``out_logits``' dtype);
             ``out_nonfinite`` is set for every nonfinite row, leaving or not.
 
-    Eagerly, only the leaving rows are indexed. Under ``torch.compile`` every row in ``ids`` is
-    rewritten instead (the staying ones with their own values), so that no shape in the graph
-    depends on the data; both give the same outputs, and eagerly the indexing is the cheaper.
+    On the CPU, only the leaving rows are indexed (nothing when none leaves). Under
+    ``torch.compile`` and on other devices every row in ``ids`` is rewritten instead (the staying
+    ones with their own values): no shape in the graph depends on the data, and no host read
+    waits for the device. Both give the same outputs.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or leave.device.type != "cpu":
         stay = ~leave
         out_nonfinite.index_copy_(0, ids, out_nonfinite[ids] | nonfinite)
         out_logits.index_copy_(0, ids, torch.where(stay[:, None], out_logits[ids], logits.to(out_logits.dtype)))
         out_exits.index_copy_(0, ids, out_exits[ids].masked_fill(leave, exit_index))
         out_predictions.index_copy_(0, ids, torch.where(stay, out_predictions[ids], prediction))
         return
-    out_nonfinite.index_fill_(0, ids[nonfinite], True)
-    leaving = ids[leave]
-    out_logits.index_copy_(0, leaving, logits[leave].to(out_logits.dtype))
-    out_exits.index_fill_(0, leaving, exit_index)
-    out_predictions.index_copy_(0, leaving, prediction[leave])
+    out_nonfinite.index_put_((ids,), nonfinite, accumulate=True)  # OR: sets the nonfinite rows' flags
+    index = leave.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return
+    if index.numel() < leave.numel():
+        ids, logits, prediction = ids[index], logits[index], prediction[index]
+    out_logits.index_copy_(0, ids, logits.to(out_logits.dtype))
+    out_exits.index_fill_(0, ids, exit_index)
+    out_predictions.index_copy_(0, ids, prediction)

@@ -208,7 +208,7 @@ class EarlyExitModel(nn.Module):
         backend = select_backend(self.backend, logits.device)  # under torch.compile, "auto" is "torch"
         q, prediction, leave, nonfinite = backend.decide(policy, k, logits, history, k == self.num_exits - 1, threshold)
         out.write(backend, k, leave, ids, logits, prediction, nonfinite)
-        return state, leave, history.extend(q, prediction)
+        return state, leave, history if k == self.num_exits - 1 else history.extend(q, prediction)
 
     def compile_stages(self, **compile_kwargs: Any) -> "EarlyExitModel":
         """``torch.compile`` every stage and head, not the data path between them; ``compile_kwargs``

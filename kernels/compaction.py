@@ -156,8 +156,12 @@ def gather_kept(t: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, co
 
 def compact(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kept rows of every tensor ``[B, ...]``, in order: one prefix sum, one host read, one
-    launch per tensor. Same result as :func:`~eenet_fast.compaction.compact_reference`."""
+    launch per tensor (none, and the inputs themselves returned, when every row is kept). Same
+    result as :func:`~eenet_fast.compaction.compact_reference`."""
+    _check_device(keep, *tensors)
     positions, count = keep_positions(keep)
+    if count == keep.numel():
+        return tensors
     return tuple(gather_kept(t, keep, positions, count) for t in tensors)
 
 
