@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from eenet_fast.batch import move_to
 from eenet_fast.costs import CostSpec, measure_costs
-from eenet_fast.errors import InputError, PolicyError
+from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
+from eenet_fast.timing import LatencyModel, decision_times, time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -73,6 +75,7 @@ def calibrate(
     example: Any = None,
     progress: bool = True,
     confidence: float | None = None,
+    batch_size: int | None = None,
     **policy_options: Any,
 ) -> Policy:
     """Fit an exit policy for an average-cost ``budget`` and install it on ``model``.
@@ -87,12 +90,14 @@ def calibrate(
         policy: a policy name (``eenet``, ``maxprob``, ...) or an unfitted :class:`Policy`.
         costs: ``"flops"``, ``"latency"`` or ``K`` cumulative costs (see
             :func:`eenet_fast.costs.measure_costs`). Default: ``"flops"`` for a loader, the cached
-            outputs' own costs for :class:`ExitOutputs`. With ``"latency"`` the policy is fitted
-            twice: the second time on costs timed at the batch sizes the first policy lets reach
-            each stage.
+            outputs' own costs for :class:`ExitOutputs`. With ``"latency"`` the budget is a share of
+            the full model's time at ``batch_size``: the exits are timed on a ladder of batch sizes
+            up to it and each stage's time fitted as a function of its batch
+            (:mod:`eenet_fast.timing`); the policy keeps that model as ``policy.latency``.
         example: a batch like those the model will serve, to measure ``"flops"`` or ``"latency"``
             (default: the loader's first batch; required for cached outputs).
         progress: progress bars (collection, and the policy's training when it has one).
+        batch_size: with ``costs="latency"``, the batch size served (default: the example's).
         confidence: certify the budget at this level (e.g. 0.95) on a held-out half of the
             validation outputs (see :meth:`Policy.fit` and :mod:`eenet_fast.guarantee`).
         policy_options: passed to the policy's constructor.
@@ -101,7 +106,8 @@ def calibrate(
         InputError: cached outputs with ``costs="flops"``/``"latency"`` and no ``example``, or
             with no costs at all; outputs of another number of exits.
         PolicyError: a policy that needs labels at inference, or bad policy options.
-        BudgetError: a budget that cannot be read or met.
+        BudgetError: a budget that cannot be read or met (for a time budget: at ``batch_size``; the
+            message gives the smallest feasible budget at each batch size timed).
 
     The policy, its options and the budget's syntax are checked before any output is collected.
     """
@@ -115,34 +121,111 @@ def calibrate(
     if not unfitted.deployable:
         raise PolicyError(f"policy {unfitted.name!r} needs labels at inference and cannot run in a model")
     parse_budget(budget, 1.0)  # the full cost is not known yet: this checks that the budget can be read
+    if batch_size is not None and costs != "latency":
+        raise InputError(f"batch_size={batch_size} sets the batch a time budget holds at: it needs costs='latency'")
     if isinstance(val, ExitOutputs):
         outputs = val
-        if isinstance(costs, str):
-            if example is None:
-                raise InputError(
-                    f"costs={costs!r} on cached outputs needs example=<a batch like those the model serves> to "
-                    f"measure them with; or omit costs to use the outputs' own costs"
-                )
-            outputs = outputs.with_costs(measure_costs(model, costs, move_to(example, model.device)))
-        elif costs is not None:
-            outputs = outputs.with_costs(costs)
-        elif outputs.costs is None:
+        if isinstance(costs, str) and example is None:
+            raise InputError(
+                f"costs={costs!r} on cached outputs needs example=<a batch like those the model serves> to "
+                f"measure them with; or omit costs to use the outputs' own costs"
+            )
+        if costs is None and outputs.costs is None:
             raise InputError("the cached outputs hold no costs: give costs=[c1, ..., cK], or 'flops'/'latency' with example=")
     else:
         costs = "flops" if costs is None else costs
         outputs, first = _collect(model, val, progress, None)
-        example = first if example is None else move_to(example, model.device)
+        example = first if example is None else example
+    if example is not None:
+        example = move_to(example, model.device)
+    if costs is not None and costs != "latency":
         outputs = outputs.with_costs(measure_costs(model, costs, example))
     if outputs.num_exits != model.num_exits:
         raise InputError(f"the outputs have {outputs.num_exits} exits but this model has {model.num_exits}")
 
-    def fit(outputs: ExitOutputs) -> Policy:
+    def fit(outputs: ExitOutputs, budget: float | str = budget) -> Policy:
         return copy.deepcopy(unfitted).fit(outputs, budget, confidence=confidence)
 
-    fitted = fit(outputs)
-    if costs == "latency":  # re-time each stage at the batch the policy lets reach it
-        exits = fitted.assign(outputs)
-        reach = [float((exits >= k).double().mean()) for k in range(model.num_exits)]
-        fitted = fit(outputs.with_costs(measure_costs(model, "latency", example, reach)))
+    if costs == "latency":
+        fitted = _fit_for_time(model, outputs, budget, fit, example, batch_size, progress)
+    else:
+        fitted = fit(outputs)
     model.policy = fitted
     return fitted
+
+
+def _fit_for_time(
+    model: EarlyExitModel, outputs: ExitOutputs, budget: float | str, fit: Callable[[ExitOutputs, float], Policy],
+    example: Any, batch_size: int | None, progress: bool,
+) -> Policy:
+    """Fit a policy for a time budget at the serving batch size (see :mod:`eenet_fast.timing`).
+
+    The exits are timed once, with the max-score decision. The first fit linearises the steps
+    around a reach guessed from the budget; the fitted policy's own decision is then timed alone
+    and what it adds to the max-score decision joins the steps; the second fit linearises around
+    the first policy's reach on ``outputs``. The policy keeps the model as ``policy.latency``."""
+    latency = time_exits(model, example, batch_size, progress=progress)
+    value = check_time_budget(budget, latency)
+    smallest = latency.smallest_budgets()[latency.batch_size]
+    guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.0), 1.0)
+    fitted = fit(outputs.with_costs(latency.costs([guess**k for k in range(model.num_exits)])), value)
+    baseline = decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
+    extra = (decision_times(model, fitted, latency.batch_sizes, outputs.num_classes) - baseline).clamp_min(0)
+    latency = latency.with_extra(extra)
+    exits = fitted.assign(outputs)
+    reach = [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+    try:
+        fitted = fit(outputs.with_costs(latency.costs(reach)), value)
+    except BudgetError:  # the budget sits below the first exit's linearised cost there: keep the first fit
+        pass
+    fitted.latency = latency
+    warn_if_starved(fitted, outputs, latency, model, example)
+    return fitted
+
+
+def check_time_budget(budget: float | str, latency: LatencyModel) -> float:
+    """A time ``budget`` as a share of the full model's time (``"0.5x"`` and ``"50%"`` are half of
+    it). Raises :class:`BudgetError` when no policy can meet it at the serving batch size, naming
+    the smallest feasible budget at each batch size timed."""
+    value = parse_budget(budget, 1.0)
+    smallest = latency.smallest_budgets()
+    n = latency.batch_size
+    if value < smallest[n]:
+        table = ", ".join(f"{m}: {b:.3f}" for m, b in smallest.items())
+        raise BudgetError(
+            f"a time budget of {value:.3g} cannot be met at batch size {n}: even with every sample leaving at the "
+            f"first exit, adaptive inference takes {smallest[n]:.3f} of the full model's time there (the first stage, "
+            f"its head, the exit decision and the compaction). Smallest feasible budget by batch size: {table}. "
+            f"Raise the budget, serve larger batches, or run the full model"
+            + (" (early exit does not pay at this batch size)" if smallest[n] >= 1 else "")
+        )
+    return value
+
+
+def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel, model: EarlyExitModel, example: Any) -> None:
+    """Warn when a time-budget policy gives up far more accuracy than the FLOPs say it must.
+
+    If the max-score policy fitted on FLOPs costs at the same budget stays within 1 point of the
+    full model (the last exit) on the validation outputs while ``policy`` falls more than 3 points
+    below it, the measured times make the later exits look dear: the machine may have been busy
+    while timing, or the early stages really are slow (high resolution). The warning gives both
+    costs and the timing spread so the user can tell which."""
+    full = float(outputs.correct[-1].double().mean())
+    ours = float(outputs.correct.gather(0, policy.assign(outputs)[None]).double().mean())
+    if full - ours <= 0.03:
+        return
+    flops = measure_costs(model, "flops", example)
+    try:
+        easy = make_policy("maxprob").fit(outputs.with_costs(flops), min(float(policy.budget), 1.0))
+    except BudgetError:
+        return
+    if full - float(outputs.correct.gather(0, easy.assign(outputs)[None]).double().mean()) > 0.01:
+        return
+    warnings.warn(
+        f"the time-budget policy is {100 * (full - ours):.1f} points less accurate than the full model on validation, "
+        f"where the FLOPs say the same budget costs under 1 point: measured time costs per exit "
+        f"{[round(c, 3) for c in latency.costs()]} against FLOPs {[round(c, 3) for c in flops]}, timing spread up "
+        f"to {100 * float(latency.spread.max()):.0f} %. If the machine was busy, calibrate again when it is quiet; "
+        f"otherwise the early stages are slow for their FLOPs here: raise the budget, or calibrate with costs='flops'",
+        stacklevel=3,
+    )

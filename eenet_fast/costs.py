@@ -1,5 +1,5 @@
 """What an exit costs: FLOPs counted through forward hooks, or wall-clock time measured as adaptive
-inference pays it. Costs are cumulative per exit (stages ``0..k`` plus head ``k``) and, from
+inference pays it at the serving batch size (:mod:`eenet_fast.timing`). Costs are cumulative per exit (stages ``0..k`` plus head ``k``) and, from
 :func:`measure_costs`, relative to the full model (1.0).
 """
 
@@ -12,16 +12,15 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 from torch import nn
 
-from eenet_fast.backends import select_backend
-from eenet_fast.batch import batch_size, map_batch, move_to
+from eenet_fast.batch import batch_size
 from eenet_fast.errors import InputError
-from eenet_fast.features import exit_features
 from eenet_fast.multi_exit import check_multi_exit
+from eenet_fast.timing import time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["CostSpec", "count_flops", "measure_costs", "measure_latency", "best_time"]
+__all__ = ["CostSpec", "count_flops", "measure_costs", "best_time"]
 
 CostSpec = Literal["flops", "latency"] | Sequence[float]
 
@@ -105,16 +104,14 @@ def count_flops(model: nn.Module, example_input: Any) -> list[float]:
     return cumulative
 
 
-def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, reach: Sequence[float] | None = None) -> list[float]:
+def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, batch_size: int | None = None) -> list[float]:
     """Cumulative costs of the exits of ``model``, with the full model (every stage and the last
     head, on the whole batch) costing 1.0; explicit numbers are returned as given.
 
     * ``"flops"``: counted (:func:`count_flops`): stages ``0..k`` plus head ``k``.
     * ``"latency"``: timed on the model's device with ``example``, a batch like those it will
-      serve (:func:`measure_latency`).
-
-    Args:
-        reach: ``K`` fractions of the samples that reach each stage, only for ``"latency"``.
+      serve, on a ladder of batch sizes up to ``batch_size`` (default: the example's), as
+      fractions of the full model's time at that batch size (see :mod:`eenet_fast.timing`).
     """
     if not isinstance(spec, str):
         return [float(c) for c in spec]
@@ -122,74 +119,8 @@ def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, reach: Se
         costs = count_flops(model, example)
         return [c / costs[-1] for c in costs]
     if spec == "latency":
-        return measure_latency(model, example, reach)
+        return time_exits(model, example, batch_size, progress=False).costs()
     raise InputError(f"costs must be 'flops', 'latency' or a list of {model.num_exits} numbers, got {spec!r}")
-
-
-@torch.no_grad()
-def measure_latency(model: EarlyExitModel, example: Any, reach: Sequence[float] | None = None, repeats: int = 7) -> list[float]:
-    """Per-sample cumulative median times of the exits over the full model's.
-
-    Exit ``k`` costs what adaptive inference really pays per sample to get there: for every stage
-    ``j <= k``, the stage, its head, the exit decision and the compaction after it, timed at the
-    batch size that reaches stage ``j`` (``reach[j]`` of the batch; all of it when ``reach`` is
-    ``None``) and divided by that batch size. So the last exit costs a little more than 1.0 (it also
-    pays the early heads), and a policy's average cost is the fraction of the full model's time that
-    adaptive inference takes. Each repeat runs the full model once, then the exits as
-    :meth:`EarlyExitModel.forward` does, so every stage is timed on a gathered batch.
-
-    Args:
-        example: a batch like those the model will serve (tensor or tuple/dict, batch first).
-        reach: ``K`` fractions of the samples that reach each stage (non-increasing, ``reach[0] = 1``).
-        repeats: timed repeats (after one warm-up); the median is kept.
-    """
-    model.require_eval("measure latency")
-    device = model.device
-    backend = select_backend(model.backend, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - start, out
-
-    x = move_to(example, device)
-    batch = batch_size(x)
-    num_exits = model.num_exits
-    reach = [1.0] * num_exits if reach is None else [min(max(float(r), 0.0), 1.0) for r in reach]
-    if len(reach) != num_exits:
-        raise InputError(f"reach needs one fraction per exit ({num_exits}), got {len(reach)}")
-    counts = [max(1, round(r * batch)) for r in reach] + [0]
-    full_times, exit_times = [], [[] for _ in range(num_exits)]
-    for _ in range(repeats + 1):  # the first repeat warms up and is not kept
-        full = 0.0
-        state = x
-        for stage in model.stages:
-            stage_time, state = timed(lambda: stage(state))
-            full += stage_time
-        full_times.append(full + timed(lambda: model.heads[-1](state))[0])
-        state = map_batch(lambda t: t[: counts[0]], x, batch, "the example")
-        for k, (stage, head) in enumerate(zip(model.stages, model.heads)):
-            n = counts[k]
-            stage_time, state = timed(lambda: stage(state))
-            head_time, logits = timed(lambda: head(state))
-            keep = torch.arange(n, device=device) < min(counts[k + 1], n)
-            ids = torch.arange(n, device=device)
-            decide_time, (_, state, _) = timed(lambda: (exit_features(logits), *backend.compact(keep, state, ids)))
-            exit_times[k].append((stage_time + head_time + decide_time) / n)
-
-    def median(values: list[float]) -> float:
-        kept = sorted(values[1:])
-        return kept[len(kept) // 2]
-
-    per_sample_full = median(full_times) / batch
-    costs, total = [], 0.0
-    for times in exit_times:
-        total += median(times)
-        costs.append(total / per_sample_full)
-    return costs
 
 
 def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:

@@ -4,7 +4,8 @@ The file holds the thresholds ``[K]``, the costs ``[K]``, the policy's learned t
 scheduler weights) and, under ``head.<k>.<name>``, the weights of the exit heads that
 :func:`eenet_fast.wrap` added to a trained model (so ``wrap(net).load_policy(path)`` restores
 everything but the backbone). Its metadata (JSON strings) holds the policy name, its options, the
-budget, the number of classes, the certified guarantee (JSON ``null`` without one) and four
+budget, the number of classes, the certified guarantee and a time budget's cost model
+(:class:`~eenet_fast.timing.LatencyModel`; JSON ``null`` without them) and four
 digests:
 
 * ``fingerprint``: the exits' structure (number of exits, every head's parameter names and shapes);
@@ -42,6 +43,7 @@ from eenet_fast.files import write_atomic
 from eenet_fast.outputs import check_costs
 from eenet_fast.policies import POLICIES, Policy, make_policy
 from eenet_fast.guarantee import BudgetGuarantee
+from eenet_fast.timing import LatencyModel
 
 __all__ = ["exits_fingerprint", "weights_digest", "content_digest", "SavedPolicy", "save_policy", "load_policy"]
 
@@ -142,6 +144,7 @@ def save_policy(
         "heads_digest": weights_digest(heads),
         "stages_digest": weights_digest(stages),
         "guarantee": json.dumps(None if policy.guarantee is None else policy.guarantee.record()),
+        "latency": json.dumps(None if policy.latency is None else policy.latency.record()),
     }
     metadata["content_digest"] = content_digest(tensors, metadata)
     write_atomic(path, safetensors_bytes(tensors, metadata))
@@ -180,7 +183,8 @@ def _text(metadata: Mapping[str, str], key: str, path: Path) -> str:
 
 def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], num_exits: int) -> dict[str, Any]:
     """Every field of a policy file for a model with ``num_exits`` exits, checked: the policy name,
-    its options, the budget, the number of classes, the thresholds, the costs and the guarantee."""
+    its options, the budget, the number of classes, the thresholds, the costs, the guarantee and
+    the latency model."""
     name = _text(metadata, "policy", path)
     if name not in POLICIES or not POLICIES[name].deployable:
         deployable = ", ".join(n for n, cls in POLICIES.items() if cls.deployable)
@@ -220,9 +224,8 @@ def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str,
     ]
     if learned:
         raise FileFormatError(f"{path}: the tensor {learned[0]!r} holds NaN or Inf values; {RESAVE}")
-    guarantee = _guarantee(path, metadata)
     return {"name": name, "options": options, "budget": float(budget), "num_classes": num_classes, "costs": costs,
-            "guarantee": guarantee}
+            "guarantee": _guarantee(path, metadata), "latency": _latency(path, metadata, num_exits)}
 
 
 def _guarantee(path: Path, metadata: Mapping[str, str]) -> BudgetGuarantee | None:
@@ -240,6 +243,20 @@ def _guarantee(path: Path, metadata: Mapping[str, str]) -> BudgetGuarantee | Non
     except (TypeError, ValueError, KeyError) as error:
         raise FileFormatError(f"{path}: the guarantee field is not a valid certified budget ({error}); {RESAVE}") from None
     return guarantee
+
+
+def _latency(path: Path, metadata: Mapping[str, str], num_exits: int) -> LatencyModel | None:
+    """The time-budget cost model the file records (``None`` without one, and in files from before it)."""
+    record = _field(metadata, "latency", path) if "latency" in metadata else None
+    if record is None:
+        return None
+    try:
+        latency = LatencyModel.from_record(record)
+        if latency.num_exits != num_exits:
+            raise ValueError(f"it times {latency.num_exits} exits, the file has {num_exits}")
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise FileFormatError(f"{path}: the latency field is not a valid cost model ({error}); {RESAVE}") from None
+    return latency
 
 
 def _restored_heads(
@@ -324,6 +341,7 @@ def load_policy(
         policy.budget = fields["budget"]
         policy.num_classes = fields["num_classes"]
         policy.guarantee = fields["guarantee"]
+        policy.latency = fields["latency"]
         policy.load_state_tensors(tensors)
     except EENetError as error:
         raise FileFormatError(f"{path}: {error}; {RESAVE}") from None

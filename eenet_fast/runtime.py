@@ -139,9 +139,9 @@ class EarlyExitModel(nn.Module):
         """See :func:`eenet_fast.calibration.collect`."""
         return collect(self, loader, progress=progress, costs=costs)
 
-    def measure_costs(self, spec: CostSpec, example: Any, reach: Sequence[float] | None = None) -> list[float]:
+    def measure_costs(self, spec: CostSpec, example: Any, batch_size: int | None = None) -> list[float]:
         """See :func:`eenet_fast.costs.measure_costs`."""
-        return measure_costs(self, spec, example, reach)
+        return measure_costs(self, spec, example, batch_size)
 
     def calibrate(self, val: Any, budget: float | str, policy: str | Policy = "eenet", costs: CostSpec | None = None, **options: Any) -> Policy:
         """See :func:`eenet_fast.calibration.calibrate`."""

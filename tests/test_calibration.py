@@ -1,9 +1,12 @@
 """calibrate() and collect(): costs, the policy installed, the surprises a user met."""
 
+import warnings
+
 import pytest
 import torch
 from model_utils import C, D, mlp_model
 
+from eenet_fast.errors import BudgetError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.wrapping import wrap
 from eenet_fast.zoo import MultiExitCNN
@@ -16,16 +19,22 @@ def test_oracle_cannot_be_installed():
         model.calibrate(outputs, 2.0, policy="oracle")
 
 
-def test_latency_calibration_times_the_stages_at_the_batch_sizes_they_see():
+def test_latency_calibration_fits_the_time_model_of_the_serving_batch():
     model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 28, 28, generator=g)
     outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
     with pytest.raises(ValueError, match="needs example="):
-        model.calibrate(outputs, "0.97x", "maxprob", costs="latency")
-    policy = model.calibrate(outputs, "0.97x", "maxprob", costs="latency", example=x[:32])
+        model.calibrate(outputs, 0.5, "maxprob", costs="latency")
+    with pytest.raises(ValueError, match="needs costs='latency'"):
+        model.calibrate(outputs, 0.5, "maxprob", costs=[1.0, 2.0, 3.0], batch_size=8)
+    with pytest.raises(BudgetError, match="cannot be met at batch size 16.*Smallest feasible budget by batch size: 1: "):
+        model.calibrate(outputs, 0.001, "maxprob", costs="latency", example=x[:8], batch_size=16, progress=False)
+    # a tiny model's exits cost more than its stages: a budget of three full models is always feasible
+    policy = model.calibrate(outputs, 3.0, "maxprob", costs="latency", example=x[:8], batch_size=16, progress=False)
+    assert policy.latency is not None and policy.latency.batch_sizes == (1, 2, 4, 8, 16)
     costs = policy.costs.tolist()
-    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert all(a <= b for a, b in zip(costs, costs[1:])) and policy.budget == 3.0
     assert model(x).exits.shape == (64,)
 
 
@@ -86,3 +95,21 @@ def test_calibrate_is_a_function_beside_fit_exits_and_the_method_is_its_alias():
     assert model.policy is by_function
     by_method = model.calibrate(outputs, 2.0, "maxprob")
     assert torch.equal(by_function.thresholds, by_method.thresholds)
+
+
+def test_a_time_policy_starved_by_dear_measured_costs_is_not_installed_silently(monkeypatch):
+    from eenet_fast import calibration, make_policy
+    from eenet_fast.timing import LatencyModel
+
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    first = torch.tensor([[5.0, 0.0]] * 50 + [[0.1, 0.0]] * 50)  # right and sure, or wrong and unsure
+    outputs = ExitOutputs(torch.stack([first, 5.0 * torch.nn.functional.one_hot(labels, 2).float()]), labels, [0.9, 1.8])
+    policy = make_policy("maxprob").fit(outputs, 1.0)
+    latency = LatencyModel((1,), torch.tensor([[0.9], [0.9]], dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.zeros(3, 1))
+    monkeypatch.setattr(calibration, "measure_costs", lambda model, spec, example: [0.1, 1.0])
+    with pytest.warns(UserWarning, match=r"points less accurate than the full model.*FLOPs \[0\.1, 1\.0\]"):
+        calibration.warn_if_starved(policy, outputs, latency, None, None)
+    monkeypatch.setattr(calibration, "measure_costs", lambda model, spec, example: [0.9, 2.0])  # FLOPs agree: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration.warn_if_starved(policy, outputs, latency, None, None)

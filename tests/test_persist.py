@@ -154,6 +154,9 @@ def _nan_at(t, index):
         (_set("num_classes", "true"), "num_classes must be an integer >= 2"),
         (_set("num_classes", "6"), "do not fit its options and classes"),
         (_set("policy", "nope"), "names the policy 'nope'"),
+        (_set("latency", '{"batch_sizes": [1], "exit_times": [[1.0]], "full_times": [1.0], "spread": [[0.0], [0.0]]}'),
+         "latency field is not a valid cost model.*times 1 exits, the file has 3"),
+        (_set("latency", '{"batch_sizes": [1]}'), "latency field is not a valid cost model"),
         (_set("policy", "oracle"), "names the policy 'oracle'"),
         (lambda m, t: m.pop("budget"), "lacks the metadata field 'budget'"),
         (lambda m, t: m.pop("stages_digest"), "lacks the metadata field 'stages_digest'"),
@@ -234,3 +237,15 @@ def test_a_policy_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_policy(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_a_time_budget_policy_keeps_its_latency_model_in_the_file(tmp_path):
+    model = mlp_model()
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(16, D, generator=g), torch.randint(C, (16,), generator=g)) for _ in range(3)]
+    policy = model.calibrate(loader, 100.0, "maxprob", costs="latency", batch_size=8, progress=False)  # tiny: exits dear
+    model.save_policy(tmp_path / "p.safetensors")
+    loaded = mlp_model().load_policy(tmp_path / "p.safetensors")
+    assert loaded.latency.batch_sizes == (1, 2, 4, 8) == policy.latency.batch_sizes
+    assert torch.equal(loaded.latency.exit_times, policy.latency.exit_times)
+    assert loaded.latency.costs() == policy.latency.costs()

@@ -34,6 +34,7 @@ from eenet_fast.policies.thresholds import assign_exits, average_cost, resolve_b
 
 if TYPE_CHECKING:
     from eenet_fast.guarantee import BudgetGuarantee
+    from eenet_fast.timing import LatencyModel
 
 __all__ = ["ExitHistory", "Policy"]
 
@@ -92,6 +93,7 @@ class Policy(nn.Module, ABC):
         self.budget: float | None = None
         self.num_classes: int | None = None
         self.guarantee: BudgetGuarantee | None = None
+        self.latency: LatencyModel | None = None  # a time budget's cost model (set by calibrate(costs="latency"))
         self._score_heads_on: dict[tuple[int, str], ScoreHeadParams | None] = {}
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "Policy":
@@ -156,7 +158,7 @@ class Policy(nn.Module, ABC):
         self.costs, self.num_classes = costs, val.num_classes
         self.budget = resolve_budget(budget, costs)
         self._score_heads_on = {}  # the score heads change with the fit
-        self.guarantee = None
+        self.guarantee = self.latency = None
         fit_part = val
         if confidence is not None:
             from eenet_fast import guarantee  # it builds on this module

@@ -1,0 +1,306 @@
+"""Time as a function of batch size, so that a time budget holds at the batch size a model serves.
+
+:func:`time_exits` times, on a ladder of batch sizes ``1, 2, 4, ..., n`` (``n`` the serving
+batch), the full model (every stage, then the last head) and each exit's *step* as
+:meth:`EarlyExitModel.forward` runs it: stage ``k``, head ``k``, the exit decision, the writes of
+the leaving rows and the compaction, with about half the rows leaving. The rounds are interleaved
+(per round: every size in a shuffled order, the full model then the exits), so a busy spell slows
+the model and its exits alike; each point keeps the median over the rounds and its spread.
+
+:class:`LatencyModel` holds those medians. A step's time ``t_k(m)`` on ``m`` rows is interpolated
+linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
+medians are made non-decreasing in ``m``). At batch ``n``, with ``n_k`` samples reaching stage
+``k``, adaptive inference takes ``sum_k t_k(n_k)``, against ``T(n)`` for the full model.
+
+A policy is fitted with one cost per exit, so :meth:`LatencyModel.costs` linearises each step
+around the rows that reach it, ``m_k = reach_k * n`` (stage 0 always runs on all ``n``):
+``t_k(m) ~ a_k + b_k m`` on the interpolation segment holding ``m_k``; exit ``k`` then costs
+``c_k = (sum_j a_j + n * sum_{j <= k} b_j) / T(n)`` per sample, and a policy's average cost is its
+predicted share of the full model's time at batch ``n`` (exact at the reach linearised around).
+:func:`eenet_fast.calibration.calibrate` fits twice: around a reach guessed from the budget, then
+around the first policy's reach. No cost is re-timed, so nothing can run away.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from eenet_fast.backends import select_backend
+from eenet_fast.batch import batch_size as batch_size_of, map_batch, move_to
+from eenet_fast.errors import InputError
+from eenet_fast.policies import ExitHistory, Policy, make_policy
+
+if TYPE_CHECKING:
+    from eenet_fast.runtime import EarlyExitModel
+
+__all__ = ["LatencyModel", "ladder", "time_exits", "decision_times"]
+
+
+def ladder(batch_size: int) -> tuple[int, ...]:
+    """The batch sizes timed for a serving batch of ``batch_size``: ``1, 2, 4, ...`` below it, and it."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive number of samples, got {batch_size}")
+    sizes = [1 << i for i in range(batch_size.bit_length()) if 1 << i < batch_size]
+    return (*sizes, batch_size)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Measured times of a model's exits by batch size (see the module doc).
+
+    Attributes:
+        batch_sizes: the ladder ``[L]`` of batch sizes timed, increasing (the last is the serving batch).
+        exit_times: ``[K, L]`` float64 seconds, median time of each exit's step at each batch size.
+        full_times: ``[L]`` float64 seconds, median time of the full model.
+        spread: ``[K + 1, L]`` float64, interquartile range over the rounds / median (the exits,
+            then the full model): how much the machine disturbed each point.
+    """
+
+    batch_sizes: tuple[int, ...]
+    exit_times: torch.Tensor
+    full_times: torch.Tensor
+    spread: torch.Tensor
+
+    def __post_init__(self) -> None:
+        sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
+        if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be increasing positive sizes, got {list(sizes)}")
+        if self.exit_times.ndim != 2 or self.exit_times.shape[1] != num_sizes or self.full_times.shape != (num_sizes,):
+            raise ValueError(
+                f"need exit_times [K, {num_sizes}] and full_times [{num_sizes}], got "
+                f"{list(self.exit_times.shape)} and {list(self.full_times.shape)}"
+            )
+        if self.spread.shape != (self.exit_times.shape[0] + 1, num_sizes):
+            raise ValueError(f"need spread [K + 1, {num_sizes}], got {list(self.spread.shape)}")
+        times_ok = torch.isfinite(self.exit_times).all() and torch.isfinite(self.full_times).all()
+        if not (times_ok and (self.exit_times >= 0).all() and (self.full_times > 0).all()):
+            raise ValueError("times must be finite, the exits' >= 0 and the full model's > 0")
+
+    @property
+    def num_exits(self) -> int:
+        return self.exit_times.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        """The serving batch size the model was timed for (the top of the ladder)."""
+        return self.batch_sizes[-1]
+
+    def _segment(self, times: torch.Tensor, m: float) -> tuple[float, float]:
+        """``(a, b)``: the interpolation segment of one time series holding ``m`` rows, as ``a + b m``
+        (knots ``(0, 0)`` and the timed sizes, times made non-decreasing; beyond the last size, the last segment)."""
+        sizes = torch.tensor((0, *self.batch_sizes), dtype=torch.float64)
+        values = torch.cummax(torch.cat([times.new_zeros(1), times.double()]), 0).values
+        i = int(torch.searchsorted(sizes, torch.tensor(float(m), dtype=torch.float64), right=True)) - 1
+        i = min(max(i, 0), len(sizes) - 2)
+        b = float((values[i + 1] - values[i]) / (sizes[i + 1] - sizes[i]))
+        return float(values[i]) - b * float(sizes[i]), b
+
+    def exit_time(self, k: int, m: float) -> float:
+        """Interpolated seconds of exit ``k``'s step on ``m`` rows (0 for none)."""
+        if m <= 0:
+            return 0.0
+        a, b = self._segment(self.exit_times[k], m)
+        return a + b * m
+
+    def full_time(self, n: float) -> float:
+        """Interpolated seconds of the full model on a batch of ``n``."""
+        a, b = self._segment(self.full_times, n)
+        return a + b * n
+
+    def predicted_fraction(self, reach: Sequence[float], n: int | None = None) -> float:
+        """Predicted time of a batch of ``n`` (default: the serving batch) in which a share
+        ``reach[k]`` of the samples runs stage ``k``, as a fraction of the full model's time on it."""
+        n = self.batch_size if n is None else n
+        return sum(self.exit_time(k, r * n) for k, r in enumerate(reach)) / self.full_time(n)
+
+    def costs(self, reach: Sequence[float] | None = None, n: int | None = None) -> list[float]:
+        """``K`` cumulative per-sample costs at batch ``n`` (default: the serving batch), as fractions
+        of the full model's time there, linearised around ``reach`` (the share of the samples that
+        runs each stage; default: half of them beyond the first stage, which always runs on all).
+        See the module doc."""
+        n = self.batch_size if n is None else n
+        reach = [1.0] + [0.5] * (self.num_exits - 1) if reach is None else list(reach)
+        if len(reach) != self.num_exits:
+            raise InputError(f"reach needs one share per exit ({self.num_exits}), got {len(reach)}")
+        fixed, per_row = self.exit_time(0, n), [0.0]
+        for k in range(1, self.num_exits):
+            a, b = self._segment(self.exit_times[k], min(max(float(reach[k]), 0.0), 1.0) * n)
+            fixed += a
+            per_row.append(b)
+        full = self.full_time(n)
+        costs = [(fixed + n * b) / full for b in torch.tensor(per_row, dtype=torch.float64).cumsum(0).tolist()]
+        for k in range(1, len(costs)):  # a flat segment would tie two exits: costs must rise from exit to exit
+            costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-9))
+        return costs
+
+    def smallest_budgets(self) -> dict[int, float]:
+        """The smallest feasible time budget (every sample leaving at the first exit) at each timed batch size."""
+        return {n: self.exit_time(0, n) / self.full_time(n) for n in self.batch_sizes}
+
+    def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
+        """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
+        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-ready dict (seconds), read back by :meth:`from_record`."""
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "exit_times": self.exit_times.tolist(),
+            "full_times": self.full_times.tolist(),
+            "spread": self.spread.tolist(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "LatencyModel":
+        """The model :meth:`record` wrote. Raises ``ValueError``, ``KeyError`` or ``TypeError`` on a bad record."""
+        return cls(
+            tuple(int(m) for m in record["batch_sizes"]),
+            torch.tensor(record["exit_times"], dtype=torch.float64),
+            torch.tensor(record["full_times"], dtype=torch.float64),
+            torch.tensor(record["spread"], dtype=torch.float64),
+        )
+
+
+def _rows(x: Any, n: int) -> Any:
+    """``n`` rows of the batch ``x``, repeating its rows when it holds fewer."""
+    batch = batch_size_of(x)
+    index = torch.arange(n) % batch
+    return map_batch(lambda t: t[index.to(t.device)] if n != batch else t, x, batch, "the example")
+
+
+def _median_spread(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    q = lambda p: ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]  # noqa: E731
+    median = q(0.5)
+    return median, (q(0.75) - q(0.25)) / median if median > 0 else 0.0
+
+
+@torch.no_grad()
+def time_exits(
+    model: EarlyExitModel,
+    example: Any,
+    batch_size: int | None = None,
+    *,
+    rounds: int = 7,
+    policy: Policy | None = None,
+    progress: bool = True,
+) -> LatencyModel:
+    """Time the full model and every exit's step on the ladder of batch sizes up to ``batch_size``.
+
+    Args:
+        example: a batch like those the model serves (tensor or tuple/dict, batch first); its rows
+            are repeated to fill larger batches.
+        batch_size: the serving batch size (default: the example's).
+        rounds: timed rounds after one warm-up; each point keeps the median.
+        policy: the decision timed in the steps (default: the max-score decision, the cheapest;
+            :func:`decision_times` measures what a policy adds to it).
+        progress: a progress bar over the rounds.
+    """
+    model.require_eval("time the exits")
+    if rounds < 1:
+        raise InputError(f"rounds must be at least 1, got {rounds}")
+    device = model.device
+    x = move_to(example, device)
+    sizes = ladder(batch_size_of(x) if batch_size is None else int(batch_size))
+    policy = make_policy("maxprob") if policy is None else policy
+    run_step = _step_runner(model, policy, select_backend(model.backend, device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    num_exits = model.num_exits
+    samples: dict[int, tuple[list[float], list[list[float]]]] = {n: ([], [[] for _ in range(num_exits)]) for n in sizes}
+    inputs = {n: _rows(x, n) for n in sizes}
+    repeats = {n: 1 for n in sizes}
+
+    def timed(fn: Callable[[], Any], times: int) -> tuple[float, Any]:
+        sync()
+        start = time.perf_counter()
+        for _ in range(times):
+            out = fn()
+        sync()
+        return (time.perf_counter() - start) / times, out
+
+    order = list(sizes)
+    for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
+        random.Random(r).shuffle(order)
+        for n in order:
+            full, states = timed(lambda: _full_pass(model, inputs[n]), repeats[n])
+            steps = [timed(lambda: run_step(k, inputs[n] if k == 0 else states[k - 1]), repeats[n])[0] for k in range(num_exits)]
+            if r == 0:  # warm-up: repeat short points up to ~2 ms, so the clock's resolution does not matter
+                repeats[n] = max(1, min(64, math.ceil(2e-3 / max(full, 1e-9))))
+                continue
+            samples[n][0].append(full)
+            for k, t in enumerate(steps):
+                samples[n][1][k].append(t)
+    exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
+    full_times = torch.empty(len(sizes), dtype=torch.float64)
+    spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
+    for i, n in enumerate(sizes):
+        full_times[i], spread[num_exits, i] = _median_spread(samples[n][0])
+        for k in range(num_exits):
+            exit_times[k, i], spread[k, i] = _median_spread(samples[n][1][k])
+    return LatencyModel(sizes, exit_times, full_times, spread)
+
+
+def _full_pass(model: EarlyExitModel, x: Any) -> list[Any]:
+    """Every stage in order, then the last head: what the full model costs. Returns the stage outputs."""
+    states = []
+    for stage in model.stages:
+        x = stage(x)
+        states.append(x)
+    model.heads[-1](x)
+    return states
+
+
+def _step_runner(model: EarlyExitModel, policy: Policy, backend: Any) -> Callable[[int, Any], None]:
+    """``run(k, state)``: exit ``k``'s step on the stage input ``state`` as :meth:`forward` runs it,
+    with a threshold that lets about half the rows leave (the median score of a first call)."""
+    from eenet_fast.runtime import _start  # the runtime imports this module's users
+
+    thresholds: dict[tuple[int, int], torch.Tensor] = {}
+    last = model.num_exits - 1
+
+    def run(k: int, state: Any) -> None:
+        n = batch_size_of(state)
+        ids, history, out = _start(n, model.device)
+        history = ExitHistory(history.scores.new_zeros(n, k), history.predictions.new_zeros(n, k))
+        if (k, n) not in thresholds:
+            logits = model.heads[k](model.stages[k](state))
+            q = backend.decide(policy, k, logits, history, k == last, torch.tensor(math.inf, device=model.device))[0]
+            thresholds[k, n] = q.float().median()
+        state, leave, history = model._exit(k, state, ids, history, policy, thresholds[k, n], model.heads[k], out)
+        if k < last:
+            backend.compact(~leave, state, ids, history.scores, history.predictions)
+
+    return run
+
+
+@torch.no_grad()
+def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[int], num_classes: int, repeats: int = 50) -> torch.Tensor:
+    """``[K, L]`` seconds of ``policy``'s exit decision alone (features, score, flags) on random
+    logits of each batch size, the median of ``repeats`` calls: with the max-score decision as the
+    baseline, what a policy's scorer adds to each exit's step."""
+    backend = select_backend(model.backend, model.device)
+    times = torch.empty(model.num_exits, len(batch_sizes), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    for i, n in enumerate(batch_sizes):
+        logits = torch.randn(n, num_classes, generator=generator).to(model.device)
+        for k in range(model.num_exits):
+            history = ExitHistory(torch.rand(n, k, generator=generator).to(model.device), torch.zeros(n, k, dtype=torch.long, device=model.device))
+            last = k == model.num_exits - 1
+            threshold = torch.tensor(0.5, device=model.device)
+            call = lambda: backend.decide(policy, k, logits, history, last, threshold)  # noqa: E731
+            call()
+            values = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                values.append(time.perf_counter() - start)
+            times[k, i] = _median_spread(values)[0]
+    return times

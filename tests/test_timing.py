@@ -1,0 +1,88 @@
+"""The time model of a time budget: the ladder, the interpolated steps, the linearised costs, the timing."""
+
+import math
+
+import pytest
+import torch
+
+from eenet_fast.errors import InputError
+from eenet_fast.timing import LatencyModel, decision_times, ladder, time_exits
+from eenet_fast.wrapping import wrap
+from eenet_fast.zoo import MultiExitCNN
+from eenet_fast import make_policy
+
+
+def _model(exit_times, full_times, sizes=(1, 2, 4, 8)):
+    exit_times = torch.tensor(exit_times, dtype=torch.float64)
+    return LatencyModel(tuple(sizes), exit_times, torch.tensor(full_times, dtype=torch.float64), torch.zeros(len(exit_times) + 1, len(sizes)))
+
+
+def test_the_ladder_doubles_up_to_the_serving_batch():
+    assert ladder(1) == (1,) and ladder(8) == (1, 2, 4, 8) and ladder(10) == (1, 2, 4, 8, 10)
+    with pytest.raises(InputError, match="positive"):
+        ladder(0)
+
+
+def test_affine_steps_give_exact_costs_whatever_the_reach():
+    # t_k(m) = a_k + b_k m on every timed size: the linearisation is exact, the average cost is the time share
+    a, b, sizes = [3.0, 2.0, 1.0], [1.0, 2.0, 4.0], (1, 2, 4, 8)
+    exit_times = [[a[k] + b[k] * m for m in sizes] for k in range(3)]
+    full = [10.0 + 6.0 * m for m in sizes]
+    model = _model(exit_times, full)
+    n = 8
+    costs = model.costs([1.0, 0.5, 0.25], n)
+    expected = [(3 + 8 * 1 + 2 + 1 + n * s) / (10 + 6 * n) for s in (0.0, 2.0, 6.0)]  # stage 0 is in the fixed part
+    assert costs == pytest.approx(expected)
+    # a mix of exits whose reach is inside the linearised segments: mean cost = predicted time share
+    exits = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    reach = [float((exits >= k).double().mean()) for k in range(3)]
+    assert float(torch.tensor(costs)[exits].mean()) == pytest.approx(model.predicted_fraction(reach, n))
+
+
+def test_batch_of_one_charges_each_stage_only_to_the_samples_that_reach_it():
+    model = _model([[4.0], [3.0], [3.0]], [8.0], sizes=(1,))
+    assert model.costs(n=1) == pytest.approx([0.5, 7 / 8, 10 / 8])  # whatever the reach linearised around
+    assert model.costs([1.0, 0.9, 0.9], 1) == pytest.approx([0.5, 7 / 8, 10 / 8])
+    assert model.smallest_budgets() == {1: 0.5}
+
+
+def test_times_are_interpolated_non_decreasing_and_zero_for_no_rows():
+    model = _model([[1.0, 3.0, 2.0, 6.0]], [1.0, 2.0, 4.0, 8.0])  # a noisy dip at 4 rows
+    assert model.exit_time(0, 0) == 0.0
+    assert model.exit_time(0, 0.5) == pytest.approx(0.5)
+    assert model.exit_time(0, 3) == pytest.approx(3.0) and model.exit_time(0, 4) == pytest.approx(3.0)
+    assert model.exit_time(0, 6) == pytest.approx(4.5)
+    assert model.full_time(16) == pytest.approx(16.0)  # beyond the ladder: the last segment
+
+
+def test_record_round_trip_and_bad_records():
+    model = _model([[1.0, 2.0], [1.5, 2.5]], [2.0, 3.0], sizes=(1, 2))
+    again = LatencyModel.from_record(model.record())
+    assert again.batch_sizes == model.batch_sizes and torch.equal(again.exit_times, model.exit_times)
+    assert again.costs() == model.costs()
+    with pytest.raises(ValueError, match="increasing"):
+        _model([[1.0, 2.0]], [2.0, 3.0], sizes=(2, 1))
+    with pytest.raises(ValueError, match="full model's > 0"):
+        _model([[1.0, 2.0]], [0.0, 3.0], sizes=(1, 2))
+    with pytest.raises(ValueError, match="exit_times"):
+        _model([[1.0, 2.0, 3.0]], [2.0, 3.0], sizes=(1, 2))
+    with pytest.raises(InputError, match="one share per exit"):
+        model.costs([1.0])
+
+
+def test_time_exits_times_every_step_at_every_size():
+    model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
+    latency = time_exits(model, torch.randn(3, 1, 28, 28), 6, rounds=2, progress=False)  # rows repeated up to 6
+    assert latency.batch_sizes == (1, 2, 4, 6) and latency.exit_times.shape == (3, 4)
+    assert (latency.exit_times > 0).all() and (latency.full_times > 0).all() and (latency.spread >= 0).all()
+    costs = latency.costs()
+    assert len(costs) == 3 and all(math.isfinite(c) and c > 0 for c in costs)
+    assert all(a <= b for a, b in zip(costs, costs[1:]))
+    with pytest.raises(RuntimeError, match="model.eval"):
+        time_exits(model.train(), torch.randn(3, 1, 28, 28), progress=False)
+
+
+def test_decision_times_cover_every_exit_and_size():
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    times = decision_times(model, make_policy("maxprob"), (1, 4), 10, repeats=3)
+    assert times.shape == (2, 2) and (times > 0).all()
