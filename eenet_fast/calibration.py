@@ -160,24 +160,27 @@ def _fit_for_time(
 ) -> Policy:
     """Fit a policy for a time budget at the serving batch size (see :mod:`eenet_fast.timing`).
 
-    The exits are timed once, with the max-score decision. The first fit linearises the steps
-    around a reach guessed from the budget; the fitted policy's own decision is then timed alone
-    and what it adds to the max-score decision joins the steps; the second fit linearises around
-    the first policy's reach on ``outputs``. The policy keeps the model as ``policy.latency``."""
+    The exits are timed once, with the max-score decision. The first fit prices the stages around
+    a reach guessed from the budget; the fitted policy's own decision is then timed alone and what
+    it adds to the max-score decision joins the steps; the second fit prices around the first
+    policy's reach on ``outputs``. Where the fixed parts of the later stages leave no room at the
+    margin, the stages are priced at their average. The policy keeps the model as ``policy.latency``."""
     latency = time_exits(model, example, batch_size, progress=progress)
     value = check_time_budget(budget, latency)
     smallest = latency.smallest_budgets()[latency.batch_size]
-    guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.0), 1.0)
-    fitted = fit(outputs.with_costs(latency.costs([guess**k for k in range(model.num_exits)])), value)
+    guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.25), 1.0)
+
+    def fit_at(reach: list[float]) -> Policy:
+        try:
+            return fit(outputs.with_costs(latency.costs(reach)), value)
+        except BudgetError:  # the later stages' fixed parts exceed the budget's room: price at the average
+            return fit(outputs.with_costs(latency.costs(reach, marginal=False)), value)
+
+    fitted = fit_at([guess**k for k in range(model.num_exits)])
     baseline = decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
-    extra = (decision_times(model, fitted, latency.batch_sizes, outputs.num_classes) - baseline).clamp_min(0)
-    latency = latency.with_extra(extra)
+    latency = latency.with_extra((decision_times(model, fitted, latency.batch_sizes, outputs.num_classes) - baseline).clamp_min(0))
     exits = fitted.assign(outputs)
-    reach = [float((exits >= k).double().mean()) for k in range(model.num_exits)]
-    try:
-        fitted = fit(outputs.with_costs(latency.costs(reach)), value)
-    except BudgetError:  # the budget sits below the first exit's linearised cost there: keep the first fit
-        pass
+    fitted = fit_at([float((exits >= k).double().mean()) for k in range(model.num_exits)])
     fitted.latency = latency
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted
@@ -186,19 +189,22 @@ def _fit_for_time(
 def check_time_budget(budget: float | str, latency: LatencyModel) -> float:
     """A time ``budget`` as a share of the full model's time (``"0.5x"`` and ``"50%"`` are half of
     it). Raises :class:`BudgetError` when no policy can meet it at the serving batch size, naming
-    the smallest feasible budget at each batch size timed."""
+    the smallest feasible budget at each batch size timed (the error's ``smallest_feasible`` holds
+    the one at the serving batch size)."""
     value = parse_budget(budget, 1.0)
     smallest = latency.smallest_budgets()
     n = latency.batch_size
     if value < smallest[n]:
         table = ", ".join(f"{m}: {b:.3f}" for m, b in smallest.items())
-        raise BudgetError(
+        error = BudgetError(
             f"a time budget of {value:.3g} cannot be met at batch size {n}: even with every sample leaving at the "
             f"first exit, adaptive inference takes {smallest[n]:.3f} of the full model's time there (the first stage, "
             f"its head, the exit decision and the compaction). Smallest feasible budget by batch size: {table}. "
             f"Raise the budget, serve larger batches, or run the full model"
             + (" (early exit does not pay at this batch size)" if smallest[n] >= 1 else "")
         )
+        error.smallest_feasible = smallest[n]
+        raise error
     return value
 
 

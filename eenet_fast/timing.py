@@ -12,11 +12,15 @@ linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does
 medians are made non-decreasing in ``m``). At batch ``n``, with ``n_k`` samples reaching stage
 ``k``, adaptive inference takes ``sum_k t_k(n_k)``, against ``T(n)`` for the full model.
 
-A policy is fitted with one cost per exit, so :meth:`LatencyModel.costs` linearises each step
-around the rows that reach it, ``m_k = reach_k * n`` (stage 0 always runs on all ``n``):
-``t_k(m) ~ a_k + b_k m`` on the interpolation segment holding ``m_k``; exit ``k`` then costs
-``c_k = (sum_j a_j + n * sum_{j <= k} b_j) / T(n)`` per sample, and a policy's average cost is its
-predicted share of the full model's time at batch ``n`` (exact at the reach linearised around).
+A policy is fitted with one cost per exit, so :meth:`LatencyModel.costs` prices each stage around
+the rows that reach it, ``m_k = reach_k * n`` (stage 0 always runs on all ``n``). By default at the
+margin: on the interpolation segment holding ``m_k``, ``t_k(m) = a_k + b_k m``; a sample pays ``b_k``
+for each stage it runs and every sample pays its share of the fixed parts, so exit ``k`` costs
+``c_k = (t_0(n) + sum_{j >= 1} a_j + n * sum_{1 <= j <= k} b_j) / T(n)``: a policy's average cost
+is its predicted share of the full model's time at batch ``n``, exact for the reach priced at,
+and the exit mix is chosen on what one more sample at a stage really costs there. With
+``marginal=False`` a sample pays the stage's *average* ``t_k(m_k) / m_k`` instead, so ``c_0`` is
+the smallest feasible budget ``t_0(n) / T(n)`` (used when the fixed parts leave no room).
 :func:`eenet_fast.calibration.calibrate` fits twice: around a reach guessed from the budget, then
 around the first policy's reach. No cost is re-timed, so nothing can run away.
 """
@@ -121,23 +125,27 @@ class LatencyModel:
         n = self.batch_size if n is None else n
         return sum(self.exit_time(k, r * n) for k, r in enumerate(reach)) / self.full_time(n)
 
-    def costs(self, reach: Sequence[float] | None = None, n: int | None = None) -> list[float]:
+    def costs(self, reach: Sequence[float] | None = None, n: int | None = None, *, marginal: bool = True) -> list[float]:
         """``K`` cumulative per-sample costs at batch ``n`` (default: the serving batch), as fractions
-        of the full model's time there, linearised around ``reach`` (the share of the samples that
-        runs each stage; default: half of them beyond the first stage, which always runs on all).
-        See the module doc."""
+        of the full model's time there, each stage priced around the rows ``reach[k] * n`` that run
+        it (``reach``: the share of the samples that runs each stage; default: half of them beyond
+        the first stage, which always runs on all); at the margin, or at the average with
+        ``marginal=False``. See the module doc."""
         n = self.batch_size if n is None else n
-        reach = [1.0] + [0.5] * (self.num_exits - 1) if reach is None else list(reach)
+        reach = [1.0] + [0.5] * (self.num_exits - 1) if reach is None else [1.0, *reach[1:]]
         if len(reach) != self.num_exits:
             raise InputError(f"reach needs one share per exit ({self.num_exits}), got {len(reach)}")
-        fixed, per_row = self.exit_time(0, n), [0.0]
+        fixed, per_sample = self.exit_time(0, n), [0.0]
         for k in range(1, self.num_exits):
-            a, b = self._segment(self.exit_times[k], min(max(float(reach[k]), 0.0), 1.0) * n)
-            fixed += a
-            per_row.append(b)
+            m = max(min(float(reach[k]), 1.0) * n, 1e-6)  # below one row: the [0, 1] segment, a whole stage
+            if marginal:
+                a, b = self._segment(self.exit_times[k], m)
+                fixed, per_sample = fixed + a, [*per_sample, b]
+            else:
+                per_sample.append(self.exit_time(k, m) / m)
         full = self.full_time(n)
-        costs = [(fixed + n * b) / full for b in torch.tensor(per_row, dtype=torch.float64).cumsum(0).tolist()]
-        for k in range(1, len(costs)):  # a flat segment would tie two exits: costs must rise from exit to exit
+        costs = [(fixed + n * c) / full for c in torch.tensor(per_sample, dtype=torch.float64).cumsum(0).tolist()]
+        for k in range(1, len(costs)):  # a flat segment would tie two exits: costs must rise
             costs[k] = max(costs[k], costs[k - 1] * (1 + 1e-9))
         return costs
 

@@ -23,20 +23,25 @@ def test_the_ladder_doubles_up_to_the_serving_batch():
         ladder(0)
 
 
-def test_affine_steps_give_exact_costs_whatever_the_reach():
-    # t_k(m) = a_k + b_k m on every timed size: the linearisation is exact, the average cost is the time share
+def test_costs_price_each_stage_at_the_rows_that_reach_it():
+    # t_k(m) = a_k + b_k m: a policy with the reach priced at has its predicted time share as average cost
     a, b, sizes = [3.0, 2.0, 1.0], [1.0, 2.0, 4.0], (1, 2, 4, 8)
     exit_times = [[a[k] + b[k] * m for m in sizes] for k in range(3)]
     full = [10.0 + 6.0 * m for m in sizes]
     model = _model(exit_times, full)
     n = 8
     costs = model.costs([1.0, 0.5, 0.25], n)
-    expected = [(3 + 8 * 1 + 2 + 1 + n * s) / (10 + 6 * n) for s in (0.0, 2.0, 6.0)]  # stage 0 is in the fixed part
-    assert costs == pytest.approx(expected)
+    fixed = 3 + 1 * 8 + 2 + 1  # stage 0 on all 8 rows, and the fixed parts of stages 1 and 2
+    assert costs == pytest.approx([(fixed + n * s) / (10 + 6 * n) for s in (0.0, 2.0, 6.0)])
+    average = model.costs([1.0, 0.5, 0.25], n, marginal=False)  # each stage at its average over 8, 4, 2 rows
+    per_sample = [(3 + 1 * 8) / 8, (2 + 2 * 4) / 4, (1 + 4 * 2) / 2]
+    assert average == pytest.approx([n * sum(per_sample[: k + 1]) / (10 + 6 * n) for k in range(3)])
+    assert average[0] == pytest.approx(model.smallest_budgets()[8])
     # a mix of exits whose reach is inside the linearised segments: mean cost = predicted time share
     exits = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     reach = [float((exits >= k).double().mean()) for k in range(3)]
     assert float(torch.tensor(costs)[exits].mean()) == pytest.approx(model.predicted_fraction(reach, n))
+    assert float(torch.tensor(average)[exits].mean()) == pytest.approx(model.predicted_fraction(reach, n))
 
 
 def test_batch_of_one_charges_each_stage_only_to_the_samples_that_reach_it():

@@ -1,0 +1,171 @@
+"""What a time budget buys at the batch size served: measured time / full-model time next to the budget.
+
+Run: ``python bench/bench_budget.py --model cnn --markdown bench/results/budget-cnn.md`` (``--model
+resnet`` for the ResNet example; ``--load`` adds a competing CPU load; ``--quick`` for a smoke run).
+For each batch size (1, 8, 32, 256, 1024) and time budget (0.4, 0.5, 0.7) the policy (EENet by
+default) is calibrated with ``costs="latency", batch_size=n`` on the validation outputs, then the
+test images run in batches of ``n`` through the full model and the adaptive model in interleaved
+rounds: the ratio is the median over the rounds of adaptive / full time (with its interquartile
+range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
+can meet at a batch size is reported with the smallest feasible budget there.
+
+``--load`` starts a competing process (one thread of matrix products, bounded in time, stopped at the
+end) and calibrates a second time while it runs: the test accuracy of that policy next to the quiet
+one's shows what a busy machine does to the calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tabulate import tabulate
+
+from eenet_fast import evaluate
+from eenet_fast.errors import BudgetError
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES, BUDGETS = (1, 8, 32, 256, 1024), (0.4, 0.5, 0.7)
+LOAD = """
+import sys, time, torch
+torch.set_num_threads(1)
+a = torch.randn(384, 384)
+deadline = time.time() + float(sys.argv[1])
+while time.time() < deadline:
+    a = torch.tanh(a @ a)
+"""
+
+
+def _demo_cnn() -> dict[str, Any]:
+    from eenet_fast.demo import DemoConfig, prepare_demo
+
+    parts = prepare_demo(DemoConfig(out=ROOT / "eenet_runs/demo", progress=False), log=lambda _: None)
+    return {"name": "demo CNN", "model": parts.model, "full": parts.net, "val": parts.val, "test": parts.test,
+            "x": parts.x_test, "y": parts.y_test}
+
+
+def _resnet() -> dict[str, Any]:
+    from eenet_fast.datasets import load_fashion_mnist
+
+    spec = importlib.util.spec_from_file_location("resnet_example", ROOT / "examples/resnet_fashion_mnist.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    net, model, _, val, test = example.trained_resnet(load_fashion_mnist())
+    x, y = torch.cat([b[0] for b in test]), torch.cat([b[1] for b in test])
+    return {"name": "ResNet example", "model": model, "full": net, "val": model.collect(val, progress=False),
+            "test": model.collect(test, progress=False), "x": x, "y": y}
+
+
+@contextmanager
+def background_load(seconds: float, on: bool) -> Iterator[None]:
+    """A competing process for at most ``seconds`` (it stops by itself), while the block runs."""
+    process = subprocess.Popen([sys.executable, "-c", LOAD, str(seconds)]) if on else None
+    try:
+        yield
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> tuple[float, float, torch.Tensor]:
+    """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits."""
+    batches = list(x.split(batch))
+    ratios, exits = [], None
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            start = time.perf_counter()
+            for b in batches:
+                full(b)
+            t_full = time.perf_counter() - start
+            start = time.perf_counter()
+            results = [model(b) for b in batches]
+            t_adaptive = time.perf_counter() - start
+            if r:  # the first round warms up
+                ratios.append(t_adaptive / t_full)
+            exits = torch.cat([res.exits for res in results])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return q[1], q[2] - q[0], exits
+
+
+def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: tuple[float, ...], load: bool, rounds: int) -> list[dict]:
+    model, full, val, test, x = setup["model"], setup["full"], setup["val"], setup["test"], setup["x"]
+    full_accuracy = float(test.correct[-1].double().mean())
+    rows = []
+    for n in batches:
+        samples = min(len(x), max(64 * n, 400))  # enough batches for a stable time, bounded at batch 1
+        for budget in budgets:
+            row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples}
+            example = x[: min(n, 256)]
+            try:
+                fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, seed=0)
+            except BudgetError as error:
+                row.update(status=f"infeasible (smallest feasible {error.smallest_feasible:.3f})")
+                rows.append(row)
+                print(row, flush=True)
+                continue
+            expected = evaluate(fitted, test)
+            reach = [float((expected.exits >= k).double().mean()) for k in range(model.num_exits)]
+            ratio, spread, exits = measure(model, full, x[:samples], n, rounds)
+            assert torch.equal(exits, expected.exits[:samples]), "adaptive inference left the offline simulation"
+            row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach, n),
+                       accuracy=expected.accuracy, full_accuracy=full_accuracy,
+                       exit_mix=[round(f, 3) for f in expected.exit_fractions])
+            if load:
+                with background_load(600, True):
+                    loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, seed=0)
+                row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
+            model.policy = fitted
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["batch", "budget", "time / full (IQR)", "predicted", "within 7 %", "accuracy (full)", "exit mix", "loaded calibration acc."]
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            body.append([r["batch"], r["budget"], r["status"], "", "", "", "", ""])
+            continue
+        within = abs(r["time_ratio"] - r["budget"]) <= 0.07 * r["budget"]
+        loaded = f"{100 * r['accuracy_loaded_calibration']:.2f} %" if "accuracy_loaded_calibration" in r else ""
+        body.append([r["batch"], r["budget"], f"{r['time_ratio']:.3f} ({r['ratio_iqr']:.3f})", f"{r['predicted']:.3f}",
+                     "yes" if within else "no", f"{100 * r['accuracy']:.2f} % ({100 * r['full_accuracy']:.2f} %)",
+                     "/".join(f"{100 * f:.0f}" for f in r["exit_mix"]), loaded])
+    return tabulate(body, head, tablefmt="github")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn")
+    parser.add_argument("--policy", default="eenet")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--load", action="store_true", help="also calibrate under a competing CPU load")
+    parser.add_argument("--quick", action="store_true", help="batch 8 and 256, budget 0.5, 2 rounds")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = _demo_cnn() if args.model == "cnn" else _resnet()
+    batches, budgets, rounds = ((8, 256), (0.5,), 2) if args.quick else (BATCHES, BUDGETS, args.rounds)
+    rows = run(setup, args.policy, batches, budgets, args.load, rounds)
+    text = (f"# Time budgets at the batch size served: {setup['name']}, {args.policy}, {args.threads} threads\n\n"
+            f"`python bench/bench_budget.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+        args.markdown.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
