@@ -106,7 +106,7 @@ def measure_early_exit(
             f"labels must be [N] with N = {sum(sizes)} samples in the batches, got shape {tuple(labels.shape)}: "
             "give the labels of the concatenated batches, in order"
         )
-    run_full = full if full is not None else _plain(model)
+    run_full, policy = full if full is not None else _plain(model), model.policy
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"full": [], "adaptive": []}
     last: dict[str, list[Any]] = {}
@@ -131,8 +131,8 @@ def measure_early_exit(
     exits = torch.cat([out.exits for out in last["adaptive"]]).cpu()
     q1, q3 = np.percentile(ratios, [25, 75])
     report = EarlyExitReport(
-        policy=model.policy.name,
-        budget=float(model.policy.budget),
+        policy=policy.name,
+        budget=float(policy.budget),
         batch_sizes=tuple(sorted(set(sizes))),
         samples=sum(sizes),
         rounds=kept,
