@@ -109,7 +109,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
             try:
                 fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, seed=0)
             except BudgetError as error:
-                row.update(status=f"infeasible (smallest feasible {error.smallest_feasible:.3f})")
+                row.update(status=f"infeasible (smallest feasible {getattr(error, 'smallest_feasible', float('nan')):.3f})")
                 rows.append(row)
                 print(row, flush=True)
                 continue
@@ -153,11 +153,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--load", action="store_true", help="also calibrate under a competing CPU load")
     parser.add_argument("--quick", action="store_true", help="batch 8 and 256, budget 0.5, 2 rounds")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = _demo_cnn() if args.model == "cnn" else _resnet()
-    batches, budgets, rounds = ((8, 256), (0.5,), 2) if args.quick else (BATCHES, BUDGETS, args.rounds)
+    batches, budgets, rounds = ((8, 256), (0.5,), 2) if args.quick else (tuple(args.batches), tuple(args.budgets), args.rounds)
     rows = run(setup, args.policy, batches, budgets, args.load, rounds)
     text = (f"# Time budgets at the batch size served: {setup['name']}, {args.policy}, {args.threads} threads\n\n"
             f"`python bench/bench_budget.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")

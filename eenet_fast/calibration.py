@@ -160,28 +160,43 @@ def _fit_for_time(
 ) -> Policy:
     """Fit a policy for a time budget at the serving batch size (see :mod:`eenet_fast.timing`).
 
-    The exits are timed once, with the max-score decision. The first fit prices the stages around
-    a reach guessed from the budget; the fitted policy's own decision is then timed alone and what
-    it adds to the max-score decision joins the steps; the second fit prices around the first
-    policy's reach on ``outputs``. Where the fixed parts of the later stages leave no room at the
-    margin, the stages are priced at their average. The policy keeps the model as ``policy.latency``."""
+    The exits are timed with the max-score decision, and the first fit prices the stages around a
+    reach guessed from the budget. When the fitted policy's own decision costs more (EENet's
+    scheduler), the exits are timed again with it. The next fits price around the last policy's
+    reach on ``outputs``; while the model predicts more time than the budget there, the target is
+    lowered in proportion (at most three fits). Where the fixed parts of the later stages leave no
+    room at the margin, the stages are priced at their average. The policy keeps the model as
+    ``policy.latency``."""
     latency = time_exits(model, example, batch_size, progress=progress)
     value = check_time_budget(budget, latency)
     smallest = latency.smallest_budgets()[latency.batch_size]
     guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.25), 1.0)
 
-    def fit_at(reach: list[float]) -> Policy:
+    def fit_at(reach: list[float], target: float) -> Policy:
         try:
-            return fit(outputs.with_costs(latency.costs(reach)), value)
+            return fit(outputs.with_costs(latency.costs(reach)), target)
         except BudgetError:  # the later stages' fixed parts exceed the budget's room: price at the average
-            return fit(outputs.with_costs(latency.costs(reach, marginal=False)), value)
+            return fit(outputs.with_costs(latency.costs(reach, marginal=False)), target)
 
-    fitted = fit_at([guess**k for k in range(model.num_exits)])
-    baseline = decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
-    latency = latency.with_extra((decision_times(model, fitted, latency.batch_sizes, outputs.num_classes) - baseline).clamp_min(0))
-    exits = fitted.assign(outputs)
-    fitted = fit_at([float((exits >= k).double().mean()) for k in range(model.num_exits)])
-    fitted.latency = latency
+    def reach_of(policy: Policy) -> list[float]:
+        exits = policy.assign(outputs)
+        return [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+
+    fitted = fit_at([guess**k for k in range(model.num_exits)], value)
+    extra = decision_times(model, fitted, latency.batch_sizes, outputs.num_classes)
+    extra -= decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
+    if float((extra / latency.exit_times.clamp_min(1e-9)).max()) > 0.02:  # a dearer decision: time it in the forwards
+        latency = time_exits(model, example, batch_size, policy=fitted, progress=progress)
+        check_time_budget(value, latency)
+    target = value
+    for _ in range(3):  # price around the last policy's reach; aim lower while the prediction overshoots
+        reach = reach_of(fitted)
+        fitted = fit_at(reach, target)
+        predicted = latency.predicted_fraction(reach_of(fitted))
+        if predicted <= value * 1.01 or target <= smallest:
+            break
+        target = max(smallest, target * value / predicted)
+    fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted
 

@@ -163,8 +163,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     records = [row.record() for row in compare(val, test, list(cfg.budgets), cfg.policies, seed=cfg.seed, progress=cfg.progress)]
 
-    # The speed run budgets time, not FLOPs: costs are this machine's latency per exit, timed at the
-    # batch sizes each stage sees under the policy (see EarlyExitModel.measure_costs).
+    # The speed run budgets time, not FLOPs, at the batch size served: the exits are timed on batches
+    # of 1, 2, 4, ..., batch_size and priced at the rows each stage sees (see eenet_fast.timing).
     policy = model.calibrate(
         val, cfg.speed_budget, policy="eenet", costs="latency", example=x_test[: cfg.batch_size], seed=cfg.seed, progress=False
     )
@@ -205,6 +205,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "full_model_accuracy": exit_acc[-1],
         "exit_fractions": expected.exit_fractions,
         "avg_cost": expected.avg_cost,
+        "predicted_time_share": policy.latency.predicted_fraction(
+            [float((expected.exits >= k).double().mean()) for k in range(model.num_exits)]
+        ),
+        "smallest_budget_by_batch": {str(n): b for n, b in policy.latency.smallest_budgets().items()},
     }
     model.save_policy(cfg.out / "eenet_policy.safetensors")
     summary = {

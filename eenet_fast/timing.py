@@ -3,7 +3,8 @@
 :func:`time_exits` times, on a ladder of batch sizes ``1, 2, 4, ..., n`` (``n`` the serving
 batch), the full model (every stage, then the last head) and each exit's *step* as
 :meth:`EarlyExitModel.forward` runs it: stage ``k``, head ``k``, the exit decision, the writes of
-the leaving rows and the compaction, with about half the rows leaving. The rounds are interleaved
+the leaving rows and the compaction after it (exit 0 also carries what ``forward`` does around
+the steps: its checks, allocations and result), timed inside real forwards. The rounds are interleaved
 (per round: every size in a shuffled order, the full model then the exits), so a busy spell slows
 the model and its exits alike; each point keeps the median over the rounds and its spread.
 
@@ -27,6 +28,7 @@ around the first policy's reach. No cost is re-timed, so nothing can run away.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -203,13 +205,18 @@ def time_exits(
 ) -> LatencyModel:
     """Time the full model and every exit's step on the ladder of batch sizes up to ``batch_size``.
 
+    Exit ``k``'s step is timed inside :meth:`EarlyExitModel.forward` itself, so what a real
+    forward pays (its checks and allocations, caches cooled by the stages between two decisions)
+    is in it: forward with every sample leaving at exit ``k``, minus forward with every sample
+    leaving at exit ``k - 1``, plus the compaction of half the rows after exit ``k``.
+
     Args:
         example: a batch like those the model serves (tensor or tuple/dict, batch first); its rows
             are repeated to fill larger batches.
         batch_size: the serving batch size (default: the example's).
         rounds: timed rounds after one warm-up; each point keeps the median.
-        policy: the decision timed in the steps (default: the max-score decision, the cheapest;
-            :func:`decision_times` measures what a policy adds to it).
+        policy: the fitted policy whose decision the forwards run (its thresholds are replaced
+            while timing; default: the max-score decision).
         progress: a progress bar over the rounds.
     """
     model.require_eval("time the exits")
@@ -218,11 +225,10 @@ def time_exits(
     device = model.device
     x = move_to(example, device)
     sizes = ladder(batch_size_of(x) if batch_size is None else int(batch_size))
-    policy = make_policy("maxprob") if policy is None else policy
-    run_step = _step_runner(model, policy, select_backend(model.backend, device))
+    forward_to, compact_half = _runners(model, x, policy)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     num_exits = model.num_exits
-    samples: dict[int, tuple[list[float], list[list[float]]]] = {n: ([], [[] for _ in range(num_exits)]) for n in sizes}
+    samples = {n: [[] for _ in range(num_exits + 1)] for n in sizes}  # exits, then the full model
     inputs = {n: _rows(x, n) for n in sizes}
     repeats = {n: 1 for n in sizes}
 
@@ -239,20 +245,21 @@ def time_exits(
         random.Random(r).shuffle(order)
         for n in order:
             full, states = timed(lambda: _full_pass(model, inputs[n]), repeats[n])
-            steps = [timed(lambda: run_step(k, inputs[n] if k == 0 else states[k - 1]), repeats[n])[0] for k in range(num_exits)]
-            if r == 0:  # warm-up: repeat short points up to ~2 ms, so the clock's resolution does not matter
-                repeats[n] = max(1, min(64, math.ceil(2e-3 / max(full, 1e-9))))
+            forwards = [timed(lambda: forward_to(k, inputs[n]), repeats[n])[0] for k in range(num_exits)]
+            compactions = [timed(lambda: compact_half(k, states[k]), repeats[n])[0] for k in range(num_exits - 1)] + [0.0]
+            if r == 0:  # warm-up: repeat short points up to ~5 ms, so one busy spell or the clock does not decide
+                repeats[n] = max(1, min(256, math.ceil(5e-3 / max(full, 1e-9))))
                 continue
-            samples[n][0].append(full)
-            for k, t in enumerate(steps):
-                samples[n][1][k].append(t)
+            for k in range(num_exits):
+                samples[n][k].append(max(forwards[k] - (forwards[k - 1] if k else 0.0), 0.0) + compactions[k])
+            samples[n][num_exits].append(full)
     exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
     full_times = torch.empty(len(sizes), dtype=torch.float64)
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
     for i, n in enumerate(sizes):
-        full_times[i], spread[num_exits, i] = _median_spread(samples[n][0])
-        for k in range(num_exits):
-            exit_times[k, i], spread[k, i] = _median_spread(samples[n][1][k])
+        for k in range(num_exits + 1):
+            median, spread[k, i] = _median_spread(samples[n][k])
+            (exit_times[k] if k < num_exits else full_times)[i] = median
     return LatencyModel(sizes, exit_times, full_times, spread)
 
 
@@ -266,27 +273,33 @@ def _full_pass(model: EarlyExitModel, x: Any) -> list[Any]:
     return states
 
 
-def _step_runner(model: EarlyExitModel, policy: Policy, backend: Any) -> Callable[[int, Any], None]:
-    """``run(k, state)``: exit ``k``'s step on the stage input ``state`` as :meth:`forward` runs it,
-    with a threshold that lets about half the rows leave (the median score of a first call)."""
-    from eenet_fast.runtime import _start  # the runtime imports this module's users
+def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Callable[[int, Any], None], Callable[[int, Any], None]]:
+    """``forward_to(k, batch)``: :meth:`EarlyExitModel.forward` with every sample leaving at exit
+    ``k`` (``policy``'s decision, or the max-score one; the model's policy and controller are put
+    back after); ``compact_half(k, state)``: the compaction after exit ``k`` of every other row of
+    the stage output ``state`` with its ids and history."""
+    backend = select_backend(model.backend, model.device)
+    stand_in = copy.deepcopy(policy) if policy is not None else make_policy("maxprob")
+    stand_in.num_classes = model.heads[0](model.stages[0](_rows(x, 1))).shape[1]
+    forced = {k: torch.tensor([math.inf] * k + [-math.inf] * (model.num_exits - k), device=model.device)
+              for k in range(model.num_exits)}
 
-    thresholds: dict[tuple[int, int], torch.Tensor] = {}
-    last = model.num_exits - 1
+    def forward_to(k: int, batch: Any) -> None:
+        saved = model.policy, model.controller
+        stand_in.thresholds = forced[k]
+        model.policy, model.controller = stand_in, None
+        try:
+            model(batch)
+        finally:
+            model.policy, model.controller = saved
 
-    def run(k: int, state: Any) -> None:
+    def compact_half(k: int, state: Any) -> None:
         n = batch_size_of(state)
-        ids, history, out = _start(n, model.device)
-        history = ExitHistory(history.scores.new_zeros(n, k), history.predictions.new_zeros(n, k))
-        if (k, n) not in thresholds:
-            logits = model.heads[k](model.stages[k](state))
-            q = backend.decide(policy, k, logits, history, k == last, torch.tensor(math.inf, device=model.device))[0]
-            thresholds[k, n] = q.float().median()
-        state, leave, history = model._exit(k, state, ids, history, policy, thresholds[k, n], model.heads[k], out)
-        if k < last:
-            backend.compact(~leave, state, ids, history.scores, history.predictions)
+        keep = torch.arange(n, device=model.device) % 2 == 0
+        history = torch.zeros(n, k + 1, device=model.device), torch.zeros(n, k + 1, dtype=torch.long, device=model.device)
+        backend.compact(keep, state, torch.arange(n, device=model.device), *history)
 
-    return run
+    return forward_to, compact_half
 
 
 @torch.no_grad()
