@@ -106,8 +106,9 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
         for budget in budgets:
             row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples}
             example = x[: min(n, 256)]
+            options = {"seed": 0} if policy == "eenet" else {}
             try:
-                fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, seed=0)
+                fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
             except BudgetError as error:
                 row.update(status=f"infeasible (smallest feasible {getattr(error, 'smallest_feasible', float('nan')):.3f})")
                 rows.append(row)
@@ -122,7 +123,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
                        exit_mix=[round(f, 3) for f in expected.exit_fractions])
             if load:
                 with background_load(600, True):
-                    loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, seed=0)
+                    loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
                 row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
             model.policy = fitted
             rows.append(row)

@@ -6,7 +6,8 @@ batch), the full model (every stage, then the last head) and each exit's *step* 
 the leaving rows and the compaction after it (exit 0 also carries what ``forward`` does around
 the steps: its checks, allocations and result), timed inside real forwards. The rounds are interleaved
 (per round: every size in a shuffled order, the full model then the exits), so a busy spell slows
-the model and its exits alike; each point keeps the median over the rounds and its spread.
+the model and its exits alike; each timing follows an untimed call of the same work (memory and
+caches as in serving, batch after batch); each point keeps the median over the rounds and its spread.
 
 :class:`LatencyModel` holds those medians. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
@@ -199,7 +200,7 @@ def time_exits(
     example: Any,
     batch_size: int | None = None,
     *,
-    rounds: int = 7,
+    rounds: int = 5,
     policy: Policy | None = None,
     progress: bool = True,
 ) -> LatencyModel:
@@ -233,6 +234,7 @@ def time_exits(
     repeats = {n: 1 for n in sizes}
 
     def timed(fn: Callable[[], Any], times: int) -> tuple[float, Any]:
+        fn()  # once untimed: the allocator and caches as in serving, where one batch follows another
         sync()
         start = time.perf_counter()
         for _ in range(times):
@@ -244,9 +246,11 @@ def time_exits(
     for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
         random.Random(r).shuffle(order)
         for n in order:
-            full, states = timed(lambda: _full_pass(model, inputs[n]), repeats[n])
             forwards = [timed(lambda: forward_to(k, inputs[n]), repeats[n])[0] for k in range(num_exits)]
+            full = timed(lambda: _full_pass(model, inputs[n]), repeats[n])[0]
+            states = _stage_outputs(model, inputs[n])  # untimed: kept alive, they would slow the passes above
             compactions = [timed(lambda: compact_half(k, states[k]), repeats[n])[0] for k in range(num_exits - 1)] + [0.0]
+            del states
             if r == 0:  # warm-up: repeat short points up to ~5 ms, so one busy spell or the clock does not decide
                 repeats[n] = max(1, min(256, math.ceil(5e-3 / max(full, 1e-9))))
                 continue
@@ -263,13 +267,19 @@ def time_exits(
     return LatencyModel(sizes, exit_times, full_times, spread)
 
 
-def _full_pass(model: EarlyExitModel, x: Any) -> list[Any]:
-    """Every stage in order, then the last head: what the full model costs. Returns the stage outputs."""
+def _full_pass(model: EarlyExitModel, x: Any) -> None:
+    """Every stage in order, then the last head: what the full model costs."""
+    for stage in model.stages:
+        x = stage(x)
+    model.heads[-1](x)
+
+
+def _stage_outputs(model: EarlyExitModel, x: Any) -> list[Any]:
+    """The output of every stage on the batch ``x``."""
     states = []
     for stage in model.stages:
         x = stage(x)
         states.append(x)
-    model.heads[-1](x)
     return states
 
 
