@@ -17,7 +17,7 @@ from eenet_fast.costs import CostSpec, measure_costs
 from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
-from eenet_fast.timing import LatencyModel, decision_times, time_exits
+from eenet_fast.timing import LatencyModel, decision_times, measure_share, time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -196,6 +196,13 @@ def _fit_for_time(
         if predicted <= value * 1.01 or target <= smallest:
             break
         target = max(smallest, target * value / predicted)
+    # whole adaptive forwards against the full model on the example: what the steps timed apart miss
+    share, reach = measure_share(model, fitted, example, latency.batch_size)
+    factor = min(max(share / latency.predicted_fraction(reach) * latency.correction, 0.5), 2.0)
+    if abs(factor / latency.correction - 1) > 0.02:
+        latency = latency.corrected(factor)
+        check_time_budget(value, latency)
+        fitted = fit_at(reach_of(fitted), value)
     fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted

@@ -33,7 +33,8 @@ import copy
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,7 +49,7 @@ from eenet_fast.policies import ExitHistory, Policy, make_policy
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "ladder", "time_exits", "decision_times"]
+__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -69,12 +70,15 @@ class LatencyModel:
         full_times: ``[L]`` float64 seconds, median time of the full model.
         spread: ``[K + 1, L]`` float64, interquartile range over the rounds / median (the exits,
             then the full model): how much the machine disturbed each point.
+        correction: a factor on every exit step, from timing whole adaptive forwards against the
+            full model (:func:`measure_share`): what the steps timed apart miss.
     """
 
     batch_sizes: tuple[int, ...]
     exit_times: torch.Tensor
     full_times: torch.Tensor
     spread: torch.Tensor
+    correction: float = 1.0
 
     def __post_init__(self) -> None:
         sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
@@ -87,6 +91,8 @@ class LatencyModel:
             )
         if self.spread.shape != (self.exit_times.shape[0] + 1, num_sizes):
             raise ValueError(f"need spread [K + 1, {num_sizes}], got {list(self.spread.shape)}")
+        if not (math.isfinite(self.correction) and self.correction > 0):
+            raise ValueError(f"correction must be a positive number, got {self.correction}")
         times_ok = torch.isfinite(self.exit_times).all() and torch.isfinite(self.full_times).all()
         if not (times_ok and (self.exit_times >= 0).all() and (self.full_times > 0).all()):
             raise ValueError("times must be finite, the exits' >= 0 and the full model's > 0")
@@ -115,7 +121,7 @@ class LatencyModel:
         if m <= 0:
             return 0.0
         a, b = self._segment(self.exit_times[k], m)
-        return a + b * m
+        return (a + b * m) * self.correction
 
     def full_time(self, n: float) -> float:
         """Interpolated seconds of the full model on a batch of ``n``."""
@@ -143,7 +149,7 @@ class LatencyModel:
             m = max(min(float(reach[k]), 1.0) * n, 1e-6)  # below one row: the [0, 1] segment, a whole stage
             if marginal:
                 a, b = self._segment(self.exit_times[k], m)
-                fixed, per_sample = fixed + a, [*per_sample, b]
+                fixed, per_sample = fixed + a * self.correction, [*per_sample, b * self.correction]
             else:
                 per_sample.append(self.exit_time(k, m) / m)
         full = self.full_time(n)
@@ -158,7 +164,11 @@ class LatencyModel:
 
     def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
         """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
-        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread)
+        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread, self.correction)
+
+    def corrected(self, factor: float) -> "LatencyModel":
+        """The model with every exit step scaled by ``factor`` (replacing any earlier correction)."""
+        return LatencyModel(self.batch_sizes, self.exit_times, self.full_times, self.spread, float(factor))
 
     def record(self) -> dict[str, Any]:
         """A JSON-ready dict (seconds), read back by :meth:`from_record`."""
@@ -167,6 +177,7 @@ class LatencyModel:
             "exit_times": self.exit_times.tolist(),
             "full_times": self.full_times.tolist(),
             "spread": self.spread.tolist(),
+            "correction": self.correction,
         }
 
     @classmethod
@@ -177,6 +188,7 @@ class LatencyModel:
             torch.tensor(record["exit_times"], dtype=torch.float64),
             torch.tensor(record["full_times"], dtype=torch.float64),
             torch.tensor(record["spread"], dtype=torch.float64),
+            float(record.get("correction", 1.0)),
         )
 
 
@@ -295,13 +307,9 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
               for k in range(model.num_exits)}
 
     def forward_to(k: int, batch: Any) -> None:
-        saved = model.policy, model.controller
         stand_in.thresholds = forced[k]
-        model.policy, model.controller = stand_in, None
-        try:
+        with _installed(model, stand_in):
             model(batch)
-        finally:
-            model.policy, model.controller = saved
 
     def compact_half(k: int, state: Any) -> None:
         n = batch_size_of(state)
@@ -310,6 +318,48 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
         backend.compact(keep, state, torch.arange(n, device=model.device), *history)
 
     return forward_to, compact_half
+
+
+@contextmanager
+def _installed(model: EarlyExitModel, policy: Policy) -> Iterator[None]:
+    """``policy`` installed on ``model`` without a controller for the block; the model's own after."""
+    saved = model.policy, model.controller
+    model.policy, model.controller = policy, None
+    try:
+        yield
+    finally:
+        model.policy, model.controller = saved
+
+
+@torch.no_grad()
+def measure_share(model: EarlyExitModel, policy: Policy, example: Any, batch_size: int, rounds: int = 5) -> tuple[float, list[float]]:
+    """Adaptive inference with ``policy`` against the full model on batches of ``batch_size`` rows
+    of ``example`` (repeated), timed in interleaved rounds.
+
+    Returns:
+        The median over the rounds of adaptive time / full time, and the share of the rows that
+        ran each stage (the reach this time share belongs to).
+    """
+    x = _rows(move_to(example, model.device), batch_size)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    shares, exits = [], None
+    with _installed(model, policy):
+        repeats = 1
+        for r in range(rounds + 1):
+            times = []
+            for run in (lambda: _full_pass(model, x), lambda: model(x)):
+                run()  # untimed first: memory and caches as in serving
+                sync()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    out = run()
+                sync()
+                times.append((time.perf_counter() - start) / repeats)
+            if r == 0:
+                repeats, exits = max(1, min(64, math.ceil(5e-3 / max(times[0], 1e-9)))), out.exits
+                continue
+            shares.append(times[1] / times[0])
+    return _median_spread(shares)[0], [float((exits >= k).double().mean()) for k in range(model.num_exits)]
 
 
 @torch.no_grad()
