@@ -56,6 +56,7 @@ def _demo_cnn() -> dict[str, Any]:
 def _resnet() -> dict[str, Any]:
     from eenet_fast.datasets import load_fashion_mnist
 
+    sys.path.insert(0, str(ROOT / "examples"))  # the example imports its neighbour common.py
     spec = importlib.util.spec_from_file_location("resnet_example", ROOT / "examples/resnet_fashion_mnist.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -165,8 +165,10 @@ def _fit_for_time(
     scheduler), the exits are timed again with it. The next fits price around the last policy's
     reach on ``outputs``; while the model predicts more time than the budget there, the target is
     lowered in proportion (at most three fits). Where the fixed parts of the later stages leave no
-    room at the margin, the stages are priced at their average. The policy keeps the model as
-    ``policy.latency``."""
+    room at the margin, the stages are priced at their average. Last, whole adaptive forwards with
+    the policy are timed against the full model on the example batch; when their time share differs
+    from the predicted one by more than 2 %, every step is scaled by the ratio and the policy fitted
+    once more. The policy keeps the model as ``policy.latency``."""
     latency = time_exits(model, example, batch_size, progress=progress)
     value = check_time_budget(budget, latency)
     smallest = latency.smallest_budgets()[latency.batch_size]

@@ -23,8 +23,11 @@ is its predicted share of the full model's time at batch ``n``, exact for the re
 and the exit mix is chosen on what one more sample at a stage really costs there. With
 ``marginal=False`` a sample pays the stage's *average* ``t_k(m_k) / m_k`` instead, so ``c_0`` is
 the smallest feasible budget ``t_0(n) / T(n)`` (used when the fixed parts leave no room).
-:func:`eenet_fast.calibration.calibrate` fits twice: around a reach guessed from the budget, then
-around the first policy's reach. No cost is re-timed, so nothing can run away.
+:func:`eenet_fast.calibration.calibrate` fits around a reach guessed from the budget, then
+around the last policy's reach (a bounded number of fits, aiming lower while the model predicts
+more than the budget); finally :func:`measure_share` times whole adaptive forwards against the full
+model on the example batch, and the ratio of that share to the predicted one scales every step
+(``LatencyModel.correction``: what the steps timed apart miss) before one last fit.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eenet_fast.errors import InputError
-from eenet_fast.timing import LatencyModel, decision_times, ladder, time_exits
+from eenet_fast.timing import LatencyModel, decision_times, ladder, measure_share, time_exits
 from eenet_fast.wrapping import wrap
 from eenet_fast.zoo import MultiExitCNN
 from eenet_fast import make_policy
@@ -60,6 +60,18 @@ def test_times_are_interpolated_non_decreasing_and_zero_for_no_rows():
     assert model.full_time(16) == pytest.approx(16.0)  # beyond the ladder: the last segment
 
 
+def test_a_correction_scales_every_step_and_its_costs():
+    model = _model([[1.0, 2.0], [1.5, 2.5]], [2.0, 3.0], sizes=(1, 2))
+    slower = model.corrected(1.5)
+    assert slower.exit_time(1, 1.5) == pytest.approx(1.5 * model.exit_time(1, 1.5))
+    assert slower.costs() == pytest.approx([1.5 * c for c in model.costs()])
+    assert slower.predicted_fraction([1.0, 0.5]) == pytest.approx(1.5 * model.predicted_fraction([1.0, 0.5]))
+    assert slower.with_extra(torch.zeros(2, 2)).correction == 1.5
+    assert LatencyModel.from_record(slower.record()).correction == 1.5
+    with pytest.raises(ValueError, match="correction must be a positive number"):
+        model.corrected(float("nan"))
+
+
 def test_record_round_trip_and_bad_records():
     model = _model([[1.0, 2.0], [1.5, 2.5]], [2.0, 3.0], sizes=(1, 2))
     again = LatencyModel.from_record(model.record())
@@ -91,3 +103,15 @@ def test_decision_times_cover_every_exit_and_size():
     model = wrap(MultiExitCNN(widths=(4, 8))).eval()
     times = decision_times(model, make_policy("maxprob"), (1, 4), 10, repeats=3)
     assert times.shape == (2, 2) and (times > 0).all()
+
+
+def test_measure_share_times_whole_forwards_and_leaves_the_model_as_it_was():
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    x = torch.randn(6, 1, 28, 28)
+    outputs = model.collect([(x, torch.randint(10, (6,)))], progress=False)
+    installed = make_policy("maxprob").fit(outputs.with_costs([0.5, 1.0]), 0.75)
+    model.policy = installed
+    every_at_first = make_policy("maxprob").fit(outputs.with_costs([0.5, 1.0]), 0.5)
+    share, reach = measure_share(model, every_at_first, x, 4, rounds=2)
+    assert share > 0 and reach == [1.0, 0.0]
+    assert model.policy is installed and model.controller is None
