@@ -124,8 +124,12 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
                        exit_mix=[round(f, 3) for f in expected.exit_fractions])
             if load:
                 with background_load(600, True):
-                    loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
-                row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
+                    try:
+                        loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
+                                                 progress=False, **options)
+                        row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
+                    except BudgetError as error:
+                        row["accuracy_loaded_calibration"] = f"infeasible ({getattr(error, 'smallest_feasible', float('nan')):.3f})"
             model.policy = fitted
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -140,7 +144,8 @@ def table(rows: list[dict]) -> str:
             body.append([r["batch"], r["budget"], r["status"], "", "", "", "", ""])
             continue
         within = abs(r["time_ratio"] - r["budget"]) <= 0.07 * r["budget"]
-        loaded = f"{100 * r['accuracy_loaded_calibration']:.2f} %" if "accuracy_loaded_calibration" in r else ""
+        loaded = r.get("accuracy_loaded_calibration", "")
+        loaded = f"{100 * loaded:.2f} %" if isinstance(loaded, float) else loaded
         body.append([r["batch"], r["budget"], f"{r['time_ratio']:.3f} ({r['ratio_iqr']:.3f})", f"{r['predicted']:.3f}",
                      "yes" if within else "no", f"{100 * r['accuracy']:.2f} % ({100 * r['full_accuracy']:.2f} %)",
                      "/".join(f"{100 * f:.0f}" for f in r["exit_mix"]), loaded])

@@ -199,7 +199,7 @@ def _fit_for_time(
             break
         target = max(smallest, target * value / predicted)
     # whole adaptive forwards against the full model on the example: what the steps timed apart miss
-    share, reach = measure_share(model, fitted, example, latency.batch_size)
+    share, reach = measure_share(model, fitted, example, latency.batch_size, threads=latency.threads)
     factor = min(max(share / latency.predicted_fraction(reach) * latency.correction, 0.5), 2.0)
     if abs(factor / latency.correction - 1) > 0.02:
         latency = latency.corrected(factor)

@@ -153,8 +153,8 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
         f"  smallest feasible time budget by batch size: "
         f"{', '.join(f'{n}: {b:.2f}' for n, b in s['smallest_budget_by_batch'].items())}"
     )
-    click.echo(f"\nResults in {out}/results.json" + (f", plot in {summary['plot']}" if summary["plot"] else
-               " (pip install 'eenet-fast[report]' for the plot)"))
+    click.echo(f"\nResults in {out}/results.json" + (f", plots in {summary['plot']} and {summary['latency_plot']}"
+               if summary["plot"] else " (pip install 'eenet-fast[report]' for the plots)"))
 
 
 @main.command()

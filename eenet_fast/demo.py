@@ -38,6 +38,7 @@ from eenet_fast.costs import best_time
 from eenet_fast.policies import parse_budget
 from eenet_fast.runtime import EarlyExitModel
 from eenet_fast.wrapping import wrap
+from eenet_fast.timing import LatencyModel
 from eenet_fast.training import fit_exits
 from eenet_fast.zoo import MultiExitCNN
 
@@ -220,7 +221,38 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     }
     write_atomic(cfg.out / "results.json", json.dumps(summary, indent=2))
     summary["plot"] = _plot(summary, cfg.out / "accuracy_vs_cost.png")
+    summary["latency_plot"] = _plot_latency(policy.latency, cfg.out / "time_by_batch_size.png")
     return summary
+
+
+def _plot_latency(latency: LatencyModel, path: Path) -> Path | None:
+    """The time model of the speed run: each exit's step and the full model against the batch size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = list(latency.batch_sizes)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(sizes, [1e3 * t for t in latency.full_times.tolist()], marker="s", color="black", label="full model")
+    for k in range(latency.num_exits):
+        steps = [1e3 * latency.exit_time(k, n) for n in sizes]
+        ax.plot(sizes, steps, marker="o", label=f"exit {k + 1}: stage, head, decision, compaction")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rows in the batch")
+    ax.set_ylabel("time (ms, median)")
+    ax.set_title(f"Time by batch size (correction x{latency.correction:.2f} from whole forwards)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return path
 
 
 def _plot(summary: dict[str, Any], path: Path) -> Path | None:

@@ -13,6 +13,7 @@ from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
 from eenet_fast.policies.thresholds import average_cost
+from eenet_fast.timing import LatencyModel
 
 __all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
 
@@ -30,6 +31,10 @@ class Evaluation:
         per_exit_accuracy: ``[K]`` accuracy among the samples leaving at each exit (``None`` if none).
         exits: ``[N]`` int64 exit of every sample.
         guarantee: the policy's certified budget (:meth:`BudgetGuarantee.record`), ``None`` without one.
+        time: for a time budget (``policy.latency``): the serving ``batch_size``, the
+            ``predicted_time_share`` of the full model's time for these exits at that batch size,
+            the ``smallest_budget`` feasible there and the model's end-to-end ``correction``;
+            ``None`` otherwise.
     """
 
     policy: str
@@ -40,13 +45,16 @@ class Evaluation:
     per_exit_accuracy: list[float | None]
     exits: torch.Tensor
     guarantee: dict[str, Any] | None = None
+    time: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
-        """A JSON-ready dict without the per-sample exits (and without ``guarantee`` when there is none)."""
+        """A JSON-ready dict without the per-sample exits (and without ``guarantee`` or ``time`` when
+        there is none)."""
         out = asdict(self)
         out.pop("exits")
-        if self.guarantee is None:
-            out.pop("guarantee")
+        for key in ("guarantee", "time"):
+            if out[key] is None:
+                out.pop(key)
         return out
 
 
@@ -69,7 +77,19 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
         per_exit_accuracy=[float(h / c) if c else None for h, c in zip(hits, counts)],
         exits=exits,
         guarantee=None if policy.guarantee is None else policy.guarantee.record(),
+        time=None if policy.latency is None else _time_record(policy.latency, exits, num_exits),
     )
+
+
+def _time_record(latency: LatencyModel, exits: torch.Tensor, num_exits: int) -> dict[str, Any]:
+    """What a time budget's model predicts for these exits (see :attr:`Evaluation.time`)."""
+    reach = [float((exits >= k).double().mean()) for k in range(num_exits)]
+    return {
+        "batch_size": latency.batch_size,
+        "predicted_time_share": latency.predicted_fraction(reach),
+        "smallest_budget": latency.smallest_budgets()[latency.batch_size],
+        "correction": latency.correction,
+    }
 
 
 @dataclass(frozen=True)
@@ -188,4 +208,9 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
                 f"{100 * g['confidence']:.4g}", f"{g['holdout_cost']:.4g}", f"{g['upper_bound']:.4g}",
                 "yes" if r["avg_cost"] <= r["budget"] else "no",
             ]
+    if any("time" in r for r in records):  # time budgets: the batch size they hold at and the predicted share
+        headers += ["batch", "predicted time share"]
+        for row, r in zip(rows, records):
+            t = r.get("time")
+            row += ["-"] * 2 if t is None else [t["batch_size"], f"{t['predicted_time_share']:.3f}"]
     return tabulate(rows, headers=headers, tablefmt="github")

@@ -7,11 +7,12 @@ the leaving rows and the compaction after it (exit 0 also carries what ``forward
 the steps: its checks, allocations and result), timed inside real forwards. The rounds are interleaved
 (per round: every size in a shuffled order, the full model then the exits), so a busy spell slows
 the model and its exits alike; each timing follows an untimed call of the same work (memory and
-caches as in serving, batch after batch); each point keeps the median over the rounds and its spread.
+caches as in serving, batch after batch); each point keeps the smallest time over the rounds (a busy
+machine only adds time) and the spread of the rounds.
 
-:class:`LatencyModel` holds those medians. A step's time ``t_k(m)`` on ``m`` rows is interpolated
+:class:`LatencyModel` holds those times. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
-medians are made non-decreasing in ``m``). At batch ``n``, with ``n_k`` samples reaching stage
+times are made non-decreasing in ``m``). At batch ``n``, with ``n_k`` samples reaching stage
 ``k``, adaptive inference takes ``sum_k t_k(n_k)``, against ``T(n)`` for the full model.
 
 A policy is fitted with one cost per exit, so :meth:`LatencyModel.costs` prices each stage around
@@ -22,7 +23,8 @@ for each stage it runs and every sample pays its share of the fixed parts, so ex
 is its predicted share of the full model's time at batch ``n``, exact for the reach priced at,
 and the exit mix is chosen on what one more sample at a stage really costs there. With
 ``marginal=False`` a sample pays the stage's *average* ``t_k(m_k) / m_k`` instead, so ``c_0`` is
-the smallest feasible budget ``t_0(n) / T(n)`` (used when the fixed parts leave no room).
+the smallest feasible budget ``t_0(n) / T(n)`` (used when the fixed parts leave no room, and for a
+stage whose segment there rises faster than proportionally, where the fixed part would be negative).
 :func:`eenet_fast.calibration.calibrate` fits around a reach guessed from the budget, then
 around the last policy's reach (a bounded number of fits, aiming lower while the model predicts
 more than the budget); finally :func:`measure_share` times whole adaptive forwards against the full
@@ -36,6 +38,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,12 +72,13 @@ class LatencyModel:
 
     Attributes:
         batch_sizes: the ladder ``[L]`` of batch sizes timed, increasing (the last is the serving batch).
-        exit_times: ``[K, L]`` float64 seconds, median time of each exit's step at each batch size.
-        full_times: ``[L]`` float64 seconds, median time of the full model.
+        exit_times: ``[K, L]`` float64 seconds, best time of each exit's step at each batch size.
+        full_times: ``[L]`` float64 seconds, best time of the full model.
         spread: ``[K + 1, L]`` float64, interquartile range over the rounds / median (the exits,
             then the full model): how much the machine disturbed each point.
         correction: a factor on every exit step, from timing whole adaptive forwards against the
             full model (:func:`measure_share`): what the steps timed apart miss.
+        threads: the CPU threads torch ran on while timing (one when the machine was busy).
     """
 
     batch_sizes: tuple[int, ...]
@@ -82,6 +86,7 @@ class LatencyModel:
     full_times: torch.Tensor
     spread: torch.Tensor
     correction: float = 1.0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
@@ -96,6 +101,8 @@ class LatencyModel:
             raise ValueError(f"need spread [K + 1, {num_sizes}], got {list(self.spread.shape)}")
         if not (math.isfinite(self.correction) and self.correction > 0):
             raise ValueError(f"correction must be a positive number, got {self.correction}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         times_ok = torch.isfinite(self.exit_times).all() and torch.isfinite(self.full_times).all()
         if not (times_ok and (self.exit_times >= 0).all() and (self.full_times > 0).all()):
             raise ValueError("times must be finite, the exits' >= 0 and the full model's > 0")
@@ -150,8 +157,8 @@ class LatencyModel:
         fixed, per_sample = self.exit_time(0, n), [0.0]
         for k in range(1, self.num_exits):
             m = max(min(float(reach[k]), 1.0) * n, 1e-6)  # below one row: the [0, 1] segment, a whole stage
-            if marginal:
-                a, b = self._segment(self.exit_times[k], m)
+            a, b = self._segment(self.exit_times[k], m)
+            if marginal and a >= 0:
                 fixed, per_sample = fixed + a * self.correction, [*per_sample, b * self.correction]
             else:
                 per_sample.append(self.exit_time(k, m) / m)
@@ -167,11 +174,12 @@ class LatencyModel:
 
     def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
         """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
-        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread, self.correction)
+        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread,
+                            self.correction, self.threads)
 
     def corrected(self, factor: float) -> "LatencyModel":
         """The model with every exit step scaled by ``factor`` (replacing any earlier correction)."""
-        return LatencyModel(self.batch_sizes, self.exit_times, self.full_times, self.spread, float(factor))
+        return LatencyModel(self.batch_sizes, self.exit_times, self.full_times, self.spread, float(factor), self.threads)
 
     def record(self) -> dict[str, Any]:
         """A JSON-ready dict (seconds), read back by :meth:`from_record`."""
@@ -181,6 +189,7 @@ class LatencyModel:
             "full_times": self.full_times.tolist(),
             "spread": self.spread.tolist(),
             "correction": self.correction,
+            "threads": self.threads,
         }
 
     @classmethod
@@ -192,6 +201,7 @@ class LatencyModel:
             torch.tensor(record["full_times"], dtype=torch.float64),
             torch.tensor(record["spread"], dtype=torch.float64),
             float(record.get("correction", 1.0)),
+            int(record.get("threads", 1)),
         )
 
 
@@ -202,11 +212,16 @@ def _rows(x: Any, n: int) -> Any:
     return map_batch(lambda t: t[index.to(t.device)] if n != batch else t, x, batch, "the example")
 
 
-def _median_spread(values: list[float]) -> tuple[float, float]:
+def _best_spread(values: list[float]) -> tuple[float, float]:
+    """The smallest of the timings (a busy machine only ever adds time: the least disturbed round
+    is the best estimate of the work itself) and their spread, interquartile range / median."""
     ordered = sorted(values)
     q = lambda p: ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]  # noqa: E731
     median = q(0.5)
-    return median, (q(0.75) - q(0.25)) / median if median > 0 else 0.0
+    return ordered[0], (q(0.75) - q(0.25)) / median if median > 0 else 0.0
+
+
+BUSY_SPREAD = 0.25  # the full model's rounds spread more than this (IQR / median): another process competes
 
 
 @torch.no_grad()
@@ -230,11 +245,49 @@ def time_exits(
         example: a batch like those the model serves (tensor or tuple/dict, batch first); its rows
             are repeated to fill larger batches.
         batch_size: the serving batch size (default: the example's).
-        rounds: timed rounds after one warm-up; each point keeps the median.
+        rounds: timed rounds after one warm-up; each point keeps the smallest.
         policy: the fitted policy whose decision the forwards run (its thresholds are replaced
             while timing; default: the max-score decision).
         progress: a progress bar over the rounds.
+
+    When the full model's rounds spread by more than ``BUSY_SPREAD`` (another process competes for
+    the cores), the ladder is timed again on one thread, with a warning: a parallel region waits
+    for its slowest thread, so a competitor distorts the time shares of a multi-threaded model
+    (measured on the demo CNN at batch 256, 2 threads on 2 cores beside one busy process: exit 3
+    took 2.4x the full model), while one thread keeps a core to itself and its shares stay within
+    about 5 % of the quiet multi-threaded ones. The model records the threads it was timed with
+    (``LatencyModel.threads``); :func:`measure_share` uses as many.
     """
+    latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
+    threads = torch.get_num_threads()
+    busy = float(latency.spread[-1].median())
+    if busy > BUSY_SPREAD and threads > 1:
+        warnings.warn(
+            f"the machine is busy: the full model's timings spread by {100 * busy:.0f} % (interquartile range / "
+            f"median), so its {threads} threads wait on each other; timing again with one thread, whose time shares "
+            "stay close to the quiet ones. Calibrate on a quiet machine for the best estimate",
+            stacklevel=3,
+        )
+        with _threads(1):
+            latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
+    return latency
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch on ``count`` CPU threads for the block."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _time_ladder(
+    model: EarlyExitModel, example: Any, batch_size: int | None, rounds: int, policy: Policy | None, progress: bool
+) -> LatencyModel:
+    """:func:`time_exits` on the current threads."""
     model.require_eval("time the exits")
     if rounds < 1:
         raise InputError(f"rounds must be at least 1, got {rounds}")
@@ -265,7 +318,7 @@ def time_exits(
             full = timed(lambda: _full_pass(model, inputs[n]), repeats[n])[0]
             states = _stage_outputs(model, inputs[n])  # untimed: kept alive, they would slow the passes above
             compactions = [timed(lambda: compact_half(k, states[k]), repeats[n])[0] for k in range(num_exits - 1)] + [0.0]
-            del states
+            states = None  # freed before the next size is timed
             if r == 0:  # warm-up: repeat short points up to ~5 ms, so one busy spell or the clock does not decide
                 repeats[n] = max(1, min(256, math.ceil(5e-3 / max(full, 1e-9))))
                 continue
@@ -277,9 +330,9 @@ def time_exits(
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
     for i, n in enumerate(sizes):
         for k in range(num_exits + 1):
-            median, spread[k, i] = _median_spread(samples[n][k])
-            (exit_times[k] if k < num_exits else full_times)[i] = median
-    return LatencyModel(sizes, exit_times, full_times, spread)
+            best, spread[k, i] = _best_spread(samples[n][k])
+            (exit_times[k] if k < num_exits else full_times)[i] = best
+    return LatencyModel(sizes, exit_times, full_times, spread, threads=torch.get_num_threads())
 
 
 def _full_pass(model: EarlyExitModel, x: Any) -> None:
@@ -335,18 +388,23 @@ def _installed(model: EarlyExitModel, policy: Policy) -> Iterator[None]:
 
 
 @torch.no_grad()
-def measure_share(model: EarlyExitModel, policy: Policy, example: Any, batch_size: int, rounds: int = 5) -> tuple[float, list[float]]:
+def measure_share(
+    model: EarlyExitModel, policy: Policy, example: Any, batch_size: int, rounds: int = 5, threads: int | None = None
+) -> tuple[float, list[float]]:
     """Adaptive inference with ``policy`` against the full model on batches of ``batch_size`` rows
     of ``example`` (repeated), timed in interleaved rounds.
 
+    Args:
+        threads: the CPU threads to time on (default: torch's current setting).
+
     Returns:
-        The median over the rounds of adaptive time / full time, and the share of the rows that
-        ran each stage (the reach this time share belongs to).
+        The best adaptive time over the best full time (the least disturbed rounds), and the share
+        of the rows that ran each stage (the reach this time share belongs to).
     """
     x = _rows(move_to(example, model.device), batch_size)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     shares, exits = [], None
-    with _installed(model, policy):
+    with _installed(model, policy), _threads(torch.get_num_threads() if threads is None else threads):
         repeats = 1
         for r in range(rounds + 1):
             times = []
@@ -361,14 +419,15 @@ def measure_share(model: EarlyExitModel, policy: Policy, example: Any, batch_siz
             if r == 0:
                 repeats, exits = max(1, min(64, math.ceil(5e-3 / max(times[0], 1e-9)))), out.exits
                 continue
-            shares.append(times[1] / times[0])
-    return _median_spread(shares)[0], [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+            shares.append(times)
+    best_full, best_adaptive = min(t[0] for t in shares), min(t[1] for t in shares)
+    return best_adaptive / best_full, [float((exits >= k).double().mean()) for k in range(model.num_exits)]
 
 
 @torch.no_grad()
 def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[int], num_classes: int, repeats: int = 50) -> torch.Tensor:
     """``[K, L]`` seconds of ``policy``'s exit decision alone (features, score, flags) on random
-    logits of each batch size, the median of ``repeats`` calls: with the max-score decision as the
+    logits of each batch size, the smallest of ``repeats`` calls: with the max-score decision as the
     baseline, what a policy's scorer adds to each exit's step."""
     backend = select_backend(model.backend, model.device)
     times = torch.empty(model.num_exits, len(batch_sizes), dtype=torch.float64)
@@ -386,5 +445,5 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
                 start = time.perf_counter()
                 call()
                 values.append(time.perf_counter() - start)
-            times[k, i] = _median_spread(values)[0]
+            times[k, i] = _best_spread(values)[0]
     return times

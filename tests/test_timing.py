@@ -115,3 +115,32 @@ def test_measure_share_times_whole_forwards_and_leaves_the_model_as_it_was():
     share, reach = measure_share(model, every_at_first, x, 4, rounds=2)
     assert share > 0 and reach == [1.0, 0.0]
     assert model.policy is installed and model.controller is None
+
+
+def test_a_superlinear_segment_is_priced_at_its_average_so_costs_stay_positive():
+    # stage 1 jumps from 1 to 10 between 1 and 2 rows: its segment there has a negative fixed part
+    model = _model([[10.0, 10.0], [1.0, 10.0]], [11.0, 12.0], sizes=(1, 2))
+    costs = model.costs([1.0, 0.75], 2)
+    assert costs[0] == pytest.approx(10 / 12) and costs[1] == pytest.approx((10 + 2 * model.exit_time(1, 1.5) / 1.5) / 12)
+
+
+def test_a_busy_machine_is_timed_again_on_one_thread_with_a_warning(monkeypatch):
+    from eenet_fast import timing
+
+    calls = []
+
+    def ladder_of(model, example, batch_size, rounds, policy, progress):
+        calls.append(torch.get_num_threads())
+        spread = torch.full((2, 1), 0.9 if len(calls) == 1 else 0.01)  # wild rounds, then calm ones
+        times = torch.tensor([[1.0]], dtype=torch.float64)
+        return LatencyModel((1,), times, torch.ones(1, dtype=torch.float64), spread, threads=torch.get_num_threads())
+
+    monkeypatch.setattr(timing, "_time_ladder", ladder_of)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.warns(UserWarning, match="the machine is busy.*timing again with one thread"):
+            latency = time_exits(None, None)
+        assert calls == [2, 1] and latency.threads == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
