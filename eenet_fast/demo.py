@@ -227,36 +227,43 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
 def _plot_latency(latency: LatencyModel, path: Path) -> Path | None:
     """The time model of the speed run: each exit's step and the full model against the batch size."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    sizes = list(latency.batch_sizes)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ax.plot(sizes, [1e3 * t for t in latency.full_times.tolist()], marker="s", color="black", label="full model")
-    for k in range(latency.num_exits):
-        steps = [1e3 * latency.exit_time(k, n) for n in sizes]
-        ax.plot(sizes, steps, marker="o", label=f"exit {k + 1}: stage, head, decision, compaction")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("rows in the batch")
-    ax.set_ylabel("time (ms, median)")
-    ax.set_title(f"Time by batch size (correction x{latency.correction:.2f} from whole forwards)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    write_atomic(path, png.getvalue())
-    return path
+    def draw(ax: Any) -> None:
+        sizes = list(latency.batch_sizes)
+        ax.plot(sizes, [1e3 * t for t in latency.full_times.tolist()], marker="s", color="black", label="full model")
+        for k in range(latency.num_exits):
+            steps = [1e3 * latency.exit_time(k, n) for n in sizes]
+            ax.plot(sizes, steps, marker="o", label=f"exit {k + 1}: stage, head, decision, compaction")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("rows in the batch")
+        ax.set_ylabel("time (ms, best of the rounds)")
+        ax.set_title(f"Time by batch size (correction x{latency.correction:.2f} from whole forwards)")
+        ax.grid(alpha=0.3, which="both")
+
+    return _figure(path, draw)
 
 
 def _plot(summary: dict[str, Any], path: Path) -> Path | None:
     """Test accuracy against average cost for each policy, with the single exits marked."""
+
+    def draw(ax: Any) -> None:
+        for name in dict.fromkeys(r["policy"] for r in summary["records"]):
+            rows = sorted((r for r in summary["records"] if r["policy"] == name), key=lambda r: r["avg_cost"])
+            ax.plot([r["avg_cost"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name,
+                    linestyle="--" if name == "oracle" else "-")
+        ax.scatter(summary["costs"], [100 * a for a in summary["exit_accuracy"]], color="black", marker="s",
+                   zorder=5, label="single exits")
+        ax.set_xlabel("average cost per sample (full model = 1)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Fashion-MNIST, multi-exit CNN: accuracy under a cost budget")
+        ax.grid(alpha=0.3)
+
+    return _figure(path, draw)
+
+
+def _figure(path: Path, draw: Callable[[Any], None]) -> Path | None:
+    """``draw(ax)`` on new axes, with a legend, written as a PNG to ``path`` (``None`` without matplotlib)."""
     try:
         import matplotlib
 
@@ -265,16 +272,7 @@ def _plot(summary: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name in dict.fromkeys(r["policy"] for r in summary["records"]):
-        rows = sorted((r for r in summary["records"] if r["policy"] == name), key=lambda r: r["avg_cost"])
-        ax.plot([r["avg_cost"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name,
-                linestyle="--" if name == "oracle" else "-")
-    ax.scatter(summary["costs"], [100 * a for a in summary["exit_accuracy"]], color="black", marker="s",
-               zorder=5, label="single exits")
-    ax.set_xlabel("average cost per sample (full model = 1)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST, multi-exit CNN: accuracy under a cost budget")
-    ax.grid(alpha=0.3)
+    draw(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()

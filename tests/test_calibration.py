@@ -113,3 +113,22 @@ def test_a_time_policy_starved_by_dear_measured_costs_is_not_installed_silently(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibration.warn_if_starved(policy, outputs, latency, None, None)
+
+
+def test_evaluate_and_the_table_show_what_a_time_budget_predicts():
+    from eenet_fast import evaluate, make_policy
+    from eenet_fast.evaluate import format_table
+    from eenet_fast.synthetic import make_synthetic_outputs
+    from eenet_fast.timing import LatencyModel
+
+    outputs = make_synthetic_outputs(200, num_exits=2, seed=0)
+    policy = make_policy("maxprob").fit(outputs.with_costs([0.4, 1.1]), 0.7)
+    assert "time" not in evaluate(policy, outputs).record()
+    exit_times = torch.tensor([[0.4, 0.8], [0.6, 1.2]], dtype=torch.float64)
+    policy.latency = LatencyModel((1, 2), exit_times, torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(3, 2))
+    result = evaluate(policy, outputs)
+    reach = [1.0, float((result.exits >= 1).double().mean())]
+    assert result.time == {"batch_size": 2, "predicted_time_share": pytest.approx(policy.latency.predicted_fraction(reach)),
+                           "smallest_budget": pytest.approx(0.4), "correction": 1.0}
+    table = format_table([result.record() | {"val_avg_cost": 0.7}])
+    assert "predicted time share" in table and f"{result.time['predicted_time_share']:.3f}" in table
