@@ -111,7 +111,10 @@ def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, batch_siz
     * ``"flops"``: counted (:func:`count_flops`): stages ``0..k`` plus head ``k``.
     * ``"latency"``: timed on the model's device with ``example``, a batch like those it will
       serve, on a ladder of batch sizes up to ``batch_size`` (default: the example's), as
-      fractions of the full model's time at that batch size (see :mod:`eenet_fast.timing`).
+      fractions of the full model's time at that batch size, each later stage priced at its
+      average time per row when half the samples reach it (see :mod:`eenet_fast.timing`): the
+      first exit's cost is the smallest feasible time budget. ``calibrate(costs="latency")``
+      prices around the reach of the policy it fits instead.
     """
     if not isinstance(spec, str):
         return [float(c) for c in spec]
@@ -119,7 +122,7 @@ def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, batch_siz
         costs = count_flops(model, example)
         return [c / costs[-1] for c in costs]
     if spec == "latency":
-        return time_exits(model, example, batch_size, progress=False).costs()
+        return time_exits(model, example, batch_size, progress=False).costs(marginal=False)
     raise InputError(f"costs must be 'flops', 'latency' or a list of {model.num_exits} numbers, got {spec!r}")
 
 
