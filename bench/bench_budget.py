@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,11 @@ from eenet_fast.errors import BudgetError
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES, BUDGETS = (1, 8, 32, 256, 1024), (0.4, 0.5, 0.7)
 LOAD = """
-import sys, time, torch
+import os, sys, time, torch
 torch.set_num_threads(1)
 a = torch.randn(384, 384)
-deadline = time.time() + float(sys.argv[1])
-while time.time() < deadline:
+deadline, parent = time.time() + float(sys.argv[1]), int(sys.argv[2])
+while time.time() < deadline and os.getppid() == parent:  # stops by itself, and with the bench
     a = torch.tanh(a @ a)
 """
 
@@ -68,8 +69,9 @@ def _resnet() -> dict[str, Any]:
 
 @contextmanager
 def background_load(seconds: float, on: bool) -> Iterator[None]:
-    """A competing process for at most ``seconds`` (it stops by itself), while the block runs."""
-    process = subprocess.Popen([sys.executable, "-c", LOAD, str(seconds)]) if on else None
+    """A competing process for at most ``seconds`` while the block runs; it also stops when this
+    process dies (killed benches leave no load behind)."""
+    process = subprocess.Popen([sys.executable, "-c", LOAD, str(seconds), str(os.getpid())]) if on else None
     try:
         yield
     finally:
