@@ -19,6 +19,7 @@ each model runs once and the report holds that one round.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import torch
 from eenet_fast.batch import batch_size
 from eenet_fast.errors import InputError, PolicyError
 from eenet_fast.runtime import EarlyExitModel
+from eenet_fast.timing import full_pass, synchronizer
 
 __all__ = ["EarlyExitReport", "measure_early_exit"]
 
@@ -106,8 +108,8 @@ def measure_early_exit(
             f"labels must be [N] with N = {sum(sizes)} samples in the batches, got shape {tuple(labels.shape)}: "
             "give the labels of the concatenated batches, in order"
         )
-    run_full, policy = full if full is not None else _plain(model), model.policy
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    run_full, policy = full if full is not None else functools.partial(full_pass, model), model.policy
+    sync = synchronizer(model.device)
     times: dict[str, list[float]] = {"full": [], "adaptive": []}
     last: dict[str, list[Any]] = {}
 
@@ -121,10 +123,10 @@ def measure_early_exit(
         last[name] = outputs
         return outputs
 
-    def full_pass() -> None:  # pedantic's setup: untimed by pytest-benchmark, right before each adaptive pass
+    def time_full() -> None:  # pedantic's setup: untimed by pytest-benchmark, right before each adaptive pass
         _logits(timed("full", run_full)[0])  # a full model without logits fails before anything is recorded
 
-    benchmark.pedantic(lambda: timed("adaptive", model), setup=full_pass, rounds=rounds, warmup_rounds=warmup)
+    benchmark.pedantic(lambda: timed("adaptive", model), setup=time_full, rounds=rounds, warmup_rounds=warmup)
     kept = len(times["adaptive"]) - (warmup if benchmark.enabled else 0)
     full_s, adaptive_s = np.array(times["full"][-kept:]), np.array(times["adaptive"][-kept:])
     ratios = adaptive_s / full_s
@@ -163,17 +165,6 @@ def _check(model: Any, batches: Any, full: Any, rounds: int, warmup: int) -> lis
     if not isinstance(rounds, int) or rounds < 1 or not isinstance(warmup, int) or warmup < 0:
         raise InputError(f"need rounds >= 1 and warmup >= 0 (ints), got rounds={rounds!r}, warmup={warmup!r}")
     return [batch_size(b) for b in batches]
-
-
-def _plain(model: EarlyExitModel) -> Callable[[Any], torch.Tensor]:
-    """What the plain model costs: every stage of ``model`` in order, then its last head (logits ``[B, C]``)."""
-
-    def full(x: Any) -> torch.Tensor:
-        for stage in model.stages:
-            x = stage(x)
-        return model.heads[-1](x)
-
-    return full
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -221,6 +221,28 @@ def _best_spread(values: list[float]) -> tuple[float, float]:
     return ordered[0], (q(0.75) - q(0.25)) / median if median > 0 else 0.0
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read (nothing on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls, after one untimed call of the same work
+    (memory and caches as in serving, where one batch follows another)."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _repeats_for(seconds: float) -> int:
+    """Calls per timing so that one lasts about 5 ms: one busy spell or the clock does not decide."""
+    return max(1, min(256, math.ceil(5e-3 / max(seconds, 1e-9))))
+
+
 BUSY_SPREAD = 0.25  # the full model's rounds spread more than this (IQR / median): another process competes
 
 
@@ -295,32 +317,22 @@ def _time_ladder(
     x = move_to(example, device)
     sizes = ladder(batch_size_of(x) if batch_size is None else int(batch_size))
     forward_to, compact_half = _runners(model, x, policy)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     num_exits = model.num_exits
     samples = {n: [[] for _ in range(num_exits + 1)] for n in sizes}  # exits, then the full model
     inputs = {n: _rows(x, n) for n in sizes}
     repeats = {n: 1 for n in sizes}
-
-    def timed(fn: Callable[[], Any], times: int) -> tuple[float, Any]:
-        fn()  # once untimed: the allocator and caches as in serving, where one batch follows another
-        sync()
-        start = time.perf_counter()
-        for _ in range(times):
-            out = fn()
-        sync()
-        return (time.perf_counter() - start) / times, out
-
     order = list(sizes)
     for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
         random.Random(r).shuffle(order)
         for n in order:
-            forwards = [timed(lambda: forward_to(k, inputs[n]), repeats[n])[0] for k in range(num_exits)]
-            full = timed(lambda: _full_pass(model, inputs[n]), repeats[n])[0]
+            forwards = [_timed(lambda: forward_to(k, inputs[n]), repeats[n], sync) for k in range(num_exits)]
+            full = _timed(lambda: full_pass(model, inputs[n]), repeats[n], sync)
             states = _stage_outputs(model, inputs[n])  # untimed: kept alive, they would slow the passes above
-            compactions = [timed(lambda: compact_half(k, states[k]), repeats[n])[0] for k in range(num_exits - 1)] + [0.0]
+            compactions = [_timed(lambda: compact_half(k, states[k]), repeats[n], sync) for k in range(num_exits - 1)] + [0.0]
             states = None  # freed before the next size is timed
-            if r == 0:  # warm-up: repeat short points up to ~5 ms, so one busy spell or the clock does not decide
-                repeats[n] = max(1, min(256, math.ceil(5e-3 / max(full, 1e-9))))
+            if r == 0:  # warm-up: sets the calls per timing
+                repeats[n] = _repeats_for(full)
                 continue
             for k in range(num_exits):
                 samples[n][k].append(max(forwards[k] - (forwards[k - 1] if k else 0.0), 0.0) + compactions[k])
@@ -335,11 +347,12 @@ def _time_ladder(
     return LatencyModel(sizes, exit_times, full_times, spread, threads=torch.get_num_threads())
 
 
-def _full_pass(model: EarlyExitModel, x: Any) -> None:
-    """Every stage in order, then the last head: what the full model costs."""
+def full_pass(model: EarlyExitModel, x: Any) -> torch.Tensor:
+    """Every stage of ``model`` in order, then its last head: what the plain model costs. Returns
+    the logits ``[B, C]``."""
     for stage in model.stages:
         x = stage(x)
-    model.heads[-1](x)
+    return model.heads[-1](x)
 
 
 def _stage_outputs(model: EarlyExitModel, x: Any) -> list[Any]:
@@ -392,7 +405,7 @@ def measure_share(
     model: EarlyExitModel, policy: Policy, example: Any, batch_size: int, rounds: int = 5, threads: int | None = None
 ) -> tuple[float, list[float]]:
     """Adaptive inference with ``policy`` against the full model on batches of ``batch_size`` rows
-    of ``example`` (repeated), timed in interleaved rounds.
+    of ``example`` (repeated), timed in ``rounds`` interleaved rounds.
 
     Args:
         threads: the CPU threads to time on (default: torch's current setting).
@@ -402,26 +415,15 @@ def measure_share(
         of the rows that ran each stage (the reach this time share belongs to).
     """
     x = _rows(move_to(example, model.device), batch_size)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    shares, exits = [], None
+    sync = synchronizer(model.device)
     with _installed(model, policy), _threads(torch.get_num_threads() if threads is None else threads):
-        repeats = 1
-        for r in range(rounds + 1):
-            times = []
-            for run in (lambda: _full_pass(model, x), lambda: model(x)):
-                run()  # untimed first: memory and caches as in serving
-                sync()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    out = run()
-                sync()
-                times.append((time.perf_counter() - start) / repeats)
-            if r == 0:
-                repeats, exits = max(1, min(64, math.ceil(5e-3 / max(times[0], 1e-9)))), out.exits
-                continue
-            shares.append(times)
-    best_full, best_adaptive = min(t[0] for t in shares), min(t[1] for t in shares)
-    return best_adaptive / best_full, [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+        exits = model(x).exits
+        repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync))  # the warm-up sets the calls per timing
+        fulls, adaptives = [], []
+        for _ in range(rounds):  # interleaved: a busy spell slows both
+            fulls.append(_timed(lambda: full_pass(model, x), repeats, sync))
+            adaptives.append(_timed(lambda: model(x), repeats, sync))
+    return min(adaptives) / min(fulls), [float((exits >= k).double().mean()) for k in range(model.num_exits)]
 
 
 @torch.no_grad()
@@ -429,7 +431,7 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
     """``[K, L]`` seconds of ``policy``'s exit decision alone (features, score, flags) on random
     logits of each batch size, the smallest of ``repeats`` calls: with the max-score decision as the
     baseline, what a policy's scorer adds to each exit's step."""
-    backend = select_backend(model.backend, model.device)
+    backend, sync = select_backend(model.backend, model.device), synchronizer(model.device)
     times = torch.empty(model.num_exits, len(batch_sizes), dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     for i, n in enumerate(batch_sizes):
@@ -438,12 +440,6 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
             history = ExitHistory(torch.rand(n, k, generator=generator).to(model.device), torch.zeros(n, k, dtype=torch.long, device=model.device))
             last = k == model.num_exits - 1
             threshold = torch.tensor(0.5, device=model.device)
-            call = lambda: backend.decide(policy, k, logits, history, last, threshold)  # noqa: E731
-            call()
-            values = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                values.append(time.perf_counter() - start)
-            times[k, i] = _best_spread(values)[0]
+            times[k, i] = min(_timed(lambda: backend.decide(policy, k, logits, history, last, threshold), 1, sync)
+                              for _ in range(repeats))
     return times
