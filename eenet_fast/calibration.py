@@ -190,21 +190,21 @@ def _fit_for_time(
     if float((extra / latency.exit_times.clamp_min(1e-9)).max()) > 0.02:  # a dearer decision: time it in the forwards
         latency = time_exits(model, example, batch_size, policy=fitted, progress=progress)
         check_time_budget(value, latency)
-    target = value
+    target, reach = value, reach_of(fitted)
     for _ in range(3):  # price around the last policy's reach; aim lower while the prediction overshoots
-        reach = reach_of(fitted)
         fitted = fit_at(reach, target)
-        predicted = latency.predicted_fraction(reach_of(fitted))
+        reach = reach_of(fitted)
+        predicted = latency.predicted_fraction(reach)
         if predicted <= value * 1.01 or target <= smallest:
             break
         target = max(smallest, target * value / predicted)
     # whole adaptive forwards against the full model on the example: what the steps timed apart miss
-    share, reach = measure_share(model, fitted, example, latency.batch_size, threads=latency.threads)
-    factor = min(max(share / latency.predicted_fraction(reach) * latency.correction, 0.5), 2.0)
+    share, example_reach = measure_share(model, fitted, example, latency.batch_size, threads=latency.threads)
+    factor = min(max(share / latency.predicted_fraction(example_reach) * latency.correction, 0.5), 2.0)
     if abs(factor / latency.correction - 1) > 0.02:
         latency = latency.corrected(factor)
         check_time_budget(value, latency)
-        fitted = fit_at(reach_of(fitted), value)
+        fitted = fit_at(reach, value)
     fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted
