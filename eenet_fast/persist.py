@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,35 +228,43 @@ def _check_fields(path: Path, metadata: Mapping[str, str], tensors: Mapping[str,
             "guarantee": _guarantee(path, metadata), "latency": _latency(path, metadata, num_exits)}
 
 
-def _guarantee(path: Path, metadata: Mapping[str, str]) -> BudgetGuarantee | None:
-    """The certified guarantee the file records (``None`` without one, and in files from before it)."""
-    if "guarantee" not in metadata:
-        return None
-    record = _field(metadata, "guarantee", path)
+def _optional_record(path: Path, metadata: Mapping[str, str], key: str, what: str, build: Callable[[Any], Any]) -> Any:
+    """``build(record)`` for the JSON record the file holds under ``key`` (``None`` for JSON
+    ``null``, and in files from before the field); a record ``build`` refuses (``TypeError``,
+    ``ValueError``, ``KeyError`` or ``RuntimeError``) is a :class:`FileFormatError` saying the field
+    is not ``what``."""
+    record = _field(metadata, key, path) if key in metadata else None
     if record is None:
         return None
     try:
+        return build(record)
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise FileFormatError(f"{path}: the {key} field is not {what} ({error}); {RESAVE}") from None
+
+
+def _guarantee(path: Path, metadata: Mapping[str, str]) -> BudgetGuarantee | None:
+    """The certified guarantee the file records (``None`` without one, and in files from before it)."""
+
+    def build(record: Any) -> BudgetGuarantee:
         guarantee = BudgetGuarantee.from_record(record)
         numbers = (guarantee.confidence, guarantee.holdout_cost, guarantee.upper_bound)
         if not (0 < guarantee.confidence < 1 and all(math.isfinite(x) for x in numbers)):
             raise ValueError(f"confidence {guarantee.confidence}, costs {numbers[1:]}")
-    except (TypeError, ValueError, KeyError) as error:
-        raise FileFormatError(f"{path}: the guarantee field is not a valid certified budget ({error}); {RESAVE}") from None
-    return guarantee
+        return guarantee
+
+    return _optional_record(path, metadata, "guarantee", "a valid certified budget", build)
 
 
 def _latency(path: Path, metadata: Mapping[str, str], num_exits: int) -> LatencyModel | None:
     """The time-budget cost model the file records (``None`` without one, and in files from before it)."""
-    record = _field(metadata, "latency", path) if "latency" in metadata else None
-    if record is None:
-        return None
-    try:
+
+    def build(record: Any) -> LatencyModel:
         latency = LatencyModel.from_record(record)
         if latency.num_exits != num_exits:
             raise ValueError(f"it times {latency.num_exits} exits, the file has {num_exits}")
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise FileFormatError(f"{path}: the latency field is not a valid cost model ({error}); {RESAVE}") from None
-    return latency
+        return latency
+
+    return _optional_record(path, metadata, "latency", "a valid cost model", build)
 
 
 def _restored_heads(
