@@ -48,6 +48,7 @@ from serving_load import Batcher, poisson_times, run_http, run_threaded, summari
 
 from eenet_fast.engine import ExitEngine  # noqa: E402
 from eenet_fast.runtime import EarlyExitModel, ExitResult  # noqa: E402
+from eenet_fast.timing import full_pass  # noqa: E402
 from eenet_fast.wrapping import wrap  # noqa: E402
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)
@@ -128,9 +129,7 @@ def full_forward(model: EarlyExitModel):
 
     def run(x: torch.Tensor) -> ExitResult:
         with torch.no_grad():
-            for stage in model.stages:
-                x = stage(x)
-            logits = model.heads[-1](x)
+            logits = full_pass(model, x)
         return ExitResult(logits, logits.argmax(1), torch.full((len(logits),), last), torch.zeros(len(logits), dtype=torch.bool))
 
     return run
