@@ -64,12 +64,13 @@ def test_gather_reuses_positions_and_checks_its_inputs():
 
 @pytest.mark.parametrize("batch", [0, 1, 7, 128, 1000])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_exited_matches_reference(batch, dtype):
+@pytest.mark.parametrize("mode", ["random", "all", "none"])  # the reference skips or takes every row in the last two
+def test_write_exited_matches_reference(batch, dtype, mode):
     g = gen(batch)
     total, num_classes = batch + 13, 10
     ids = torch.randperm(total, generator=g)[:batch]
     logits = torch.randn(batch, num_classes + 4, generator=g).to(dtype)[:, 2 : 2 + num_classes]
-    leave = torch.rand(batch, generator=g) > 0.5
+    leave = torch.rand(batch, generator=g) > 0.5 if mode == "random" else keep_flags(batch, mode)
     nonfinite = torch.rand(batch, generator=g) > 0.8
     prediction = torch.randint(num_classes, (batch,), generator=g)
     outs = [
