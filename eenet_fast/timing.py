@@ -319,7 +319,8 @@ def _time_ladder(
     forward_to, compact_half = _runners(model, x, policy)
     sync = synchronizer(device)
     num_exits = model.num_exits
-    samples = {n: [[] for _ in range(num_exits + 1)] for n in sizes}  # exits, then the full model
+    # per size: the forward to each exit, the full model, then each exit's compaction
+    samples = {n: [[] for _ in range(2 * num_exits + 1)] for n in sizes}
     inputs = {n: _rows(x, n) for n in sizes}
     repeats = {n: 1 for n in sizes}
     order = list(sizes)
@@ -334,16 +335,22 @@ def _time_ladder(
             if r == 0:  # warm-up: sets the calls per timing
                 repeats[n] = _repeats_for(full)
                 continue
-            for k in range(num_exits):
-                samples[n][k].append(max(forwards[k] - (forwards[k - 1] if k else 0.0), 0.0) + compactions[k])
-            samples[n][num_exits].append(full)
+            for k, seconds in enumerate([*forwards, full, *compactions]):
+                samples[n][k].append(seconds)
     exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
     full_times = torch.empty(len(sizes), dtype=torch.float64)
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
     for i, n in enumerate(sizes):
-        for k in range(num_exits + 1):
-            best, spread[k, i] = _best_spread(samples[n][k])
-            (exit_times[k] if k < num_exits else full_times)[i] = best
+        best = [_best_spread(values)[0] for values in samples[n]]
+        # a step is the difference of the best forwards to its exit and to the one before (each the
+        # least disturbed of its rounds; the best of the rounds' differences would be biased low)
+        reach = torch.tensor(best[:num_exits], dtype=torch.float64).cummax(0).values
+        exit_times[:, i] = torch.diff(reach, prepend=reach.new_zeros(1)) + torch.tensor(best[num_exits + 1:])
+        full_times[i] = best[num_exits]
+        steps = [[b - a for a, b in zip([0.0] * len(samples[n][0]) if k == 0 else samples[n][k - 1], samples[n][k])]
+                 for k in range(num_exits)]
+        for k, values in enumerate([*steps, samples[n][num_exits]]):
+            spread[k, i] = _best_spread(values)[1]
     return LatencyModel(sizes, exit_times, full_times, spread, threads=torch.get_num_threads())
 
 

@@ -91,7 +91,9 @@ def test_time_exits_times_every_step_at_every_size():
     model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
     latency = time_exits(model, torch.randn(3, 1, 28, 28), 6, rounds=2, progress=False)  # rows repeated up to 6
     assert latency.batch_sizes == (1, 2, 4, 6) and latency.exit_times.shape == (3, 4)
-    assert (latency.exit_times > 0).all() and (latency.full_times > 0).all() and (latency.spread >= 0).all()
+    # a later step is a difference of two timed forwards: on a busy machine a tiny one can read as 0
+    assert (latency.exit_times[0] > 0).all() and (latency.exit_times >= 0).all()
+    assert (latency.full_times > 0).all() and (latency.spread >= 0).all()
     costs = latency.costs()
     assert len(costs) == 3 and all(math.isfinite(c) and c > 0 for c in costs)
     assert all(a <= b for a, b in zip(costs, costs[1:]))
