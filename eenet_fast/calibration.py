@@ -190,6 +190,7 @@ def _fit_for_time(
     if float((extra / latency.exit_times.clamp_min(1e-9)).max()) > 0.02:  # a dearer decision: time it in the forwards
         latency = time_exits(model, example, batch_size, policy=fitted, progress=progress)
         check_time_budget(value, latency)
+        smallest = latency.smallest_budgets()[latency.batch_size]  # the floor the targets below may sink to
     target, reach = value, reach_of(fitted)
     for _ in range(3):  # price around the last policy's reach; aim lower while the prediction overshoots
         fitted = fit_at(reach, target)

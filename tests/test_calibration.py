@@ -132,3 +132,32 @@ def test_evaluate_and_the_table_show_what_a_time_budget_predicts():
                            "smallest_budget": pytest.approx(0.4), "correction": 1.0}
     table = format_table([result.record() | {"val_avg_cost": 0.7}])
     assert "predicted time share" in table and f"{result.time['predicted_time_share']:.3f}" in table
+
+
+def test_a_time_budget_retimed_with_a_dearer_decision_never_aims_below_its_new_floor(monkeypatch):
+    """Timed again with the fitted policy's own (dearer) decision, the first exit costs more: while
+    the prediction overshoots, the lowered target stops at that new floor, not at the first timing's
+    (below it no policy exists, and the fit raised a BudgetError)."""
+    from eenet_fast import calibration
+    from eenet_fast.timing import LatencyModel
+
+    class Overshooting(LatencyModel):
+        def predicted_fraction(self, reach, n=None):
+            return 0.95  # whatever the policy: the target keeps being lowered
+
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
+    full, spread = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(3, 2)
+    cheap = LatencyModel((1, 2), torch.tensor([[0.3, 0.6], [0.3, 0.6]], dtype=torch.float64), full, spread)  # floor 0.3
+    dear = Overshooting((1, 2), torch.tensor([[0.45, 0.9], [0.6, 1.2]], dtype=torch.float64), full, spread)  # floor 0.45
+    timings = iter([cheap, dear])
+    monkeypatch.setattr(calibration, "time_exits", lambda *args, **kwargs: next(timings))
+    monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.full(
+        (2, len(sizes)), 0.0 if policy.name == "maxprob" else 1.0, dtype=torch.float64))
+    monkeypatch.setattr(calibration, "measure_share", lambda model, policy, example, n, threads: (0.95, [1.0, 0.0]))
+    monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
+    policy = model.calibrate(outputs, 0.5, "entropy", costs="latency", example=x[:2], batch_size=2, progress=False)
+    assert policy.latency is dear and policy.budget == 0.5
+    assert (policy.assign(outputs) == 0).all()  # the floor: every sample at the first exit
