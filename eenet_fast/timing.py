@@ -7,8 +7,9 @@ the leaving rows and the compaction after it (exit 0 also carries what ``forward
 the steps: its checks, allocations and result), timed inside real forwards. The rounds are interleaved
 (per round: every size in a shuffled order, the full model then the exits), so a busy spell slows
 the model and its exits alike; each timing follows an untimed call of the same work (memory and
-caches as in serving, batch after batch); each point keeps the smallest time over the rounds (a busy
-machine only adds time) and the spread of the rounds.
+caches as in serving, batch after batch); each forward keeps the smallest time over the rounds (a
+busy machine only adds time), a step is the difference of two such forwards (never negative: a step
+too small to tell from the noise reads 0), and the spread of the rounds is recorded.
 
 :class:`LatencyModel` holds those times. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
@@ -267,7 +268,7 @@ def time_exits(
         example: a batch like those the model serves (tensor or tuple/dict, batch first); its rows
             are repeated to fill larger batches.
         batch_size: the serving batch size (default: the example's).
-        rounds: timed rounds after one warm-up; each point keeps the smallest.
+        rounds: timed rounds after one warm-up; each forward keeps the smallest.
         policy: the fitted policy whose decision the forwards run (its thresholds are replaced
             while timing; default: the max-score decision).
         progress: a progress bar over the rounds.

@@ -161,3 +161,26 @@ def test_a_time_budget_retimed_with_a_dearer_decision_never_aims_below_its_new_f
     policy = model.calibrate(outputs, 0.5, "entropy", costs="latency", example=x[:2], batch_size=2, progress=False)
     assert policy.latency is dear and policy.budget == 0.5
     assert (policy.assign(outputs) == 0).all()  # the floor: every sample at the first exit
+
+
+def test_the_exit_mix_of_a_time_budget_is_chosen_on_the_time_model_not_one_reach_price():
+    """A stage with a large fixed time per call looks dear per sample to a policy that sends it few
+    samples; judged at each candidate mix's own reach, the mix that spends the budget on the unsure
+    samples wins (here: every unsure sample to the last exit, every answer right)."""
+    from eenet_fast import calibration, make_policy
+    from eenet_fast.timing import LatencyModel
+
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    first = torch.tensor([[5.0, 0.0]] * 50 + [[0.1, 0.0]] * 50)  # right and sure, or wrong and unsure
+    outputs = ExitOutputs(torch.stack([first, 5.0 * torch.nn.functional.one_hot(labels, 2).float()]), labels, [0.3, 1.0])
+    starved = make_policy("maxprob").fit(outputs, 0.3)  # every sample at the first exit: half of them wrong
+    assert (starved.assign(outputs) == 0).all()
+    sizes = (1, 2, 4, 8, 16)
+    steps = torch.tensor([[0.3 * m for m in sizes], [4.0 + 0.5 * m for m in sizes]], dtype=torch.float64)  # stage 1: 4 per call
+    latency = LatencyModel(sizes, steps, torch.tensor([float(m) for m in sizes], dtype=torch.float64), torch.zeros(3, 5))
+    assert latency.predicted_fraction([1.0, 1.0]) > 0.8 >= latency.predicted_fraction([1.0, 0.5])  # half may go on
+    reach = calibration._most_accurate_in_time(starved, outputs, latency, 0.8)
+    exits = starved.assign(outputs)
+    assert reach == [1.0, 0.5] and (exits == torch.tensor([0] * 50 + [1] * 50)).all()
+    average = float(starved.costs.double()[exits].mean())  # the new costs price the time model at this reach
+    assert average == pytest.approx(latency.predicted_fraction(reach)) and average <= 0.8 * 1.01
