@@ -277,9 +277,12 @@ def time_exits(
     the cores), the ladder is timed again on one thread, with a warning: a parallel region waits
     for its slowest thread, so a competitor distorts the time shares of a multi-threaded model
     (measured on the demo CNN at batch 256, 2 threads on 2 cores beside one busy process: exit 3
-    took 2.4x the full model), while one thread keeps a core to itself and its shares stay within
-    about 5 % of the quiet multi-threaded ones. The model records the threads it was timed with
-    (``LatencyModel.threads``); :func:`measure_share` uses as many.
+    took 2.4x the full model), while one thread keeps a core to itself. One thread's shares are
+    not the multi-threaded ones, though: the stages lose a thread and the exits' small operations
+    do not, so the exits look cheaper (``bench/bench_budget.py --load``, demo CNN: policies fitted
+    this way spent 4-8 % over the budget when served quiet on 2 threads at batch 256 and 1024, and
+    20 % at batch 32). The model records the threads it was timed with (``LatencyModel.threads``);
+    :func:`measure_share` uses as many.
     """
     latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
     threads = torch.get_num_threads()
@@ -287,8 +290,10 @@ def time_exits(
     if busy > BUSY_SPREAD and threads > 1:
         warnings.warn(
             f"the machine is busy: the full model's timings spread by {100 * busy:.0f} % (interquartile range / "
-            f"median), so its {threads} threads wait on each other; timing again with one thread, whose time shares "
-            "stay close to the quiet ones. Calibrate on a quiet machine for the best estimate",
+            f"median), so its {threads} threads wait on each other; timing again with one thread. The policy will be "
+            f"fitted to one thread's time shares, where the stages lose a thread and the exits' small operations do "
+            f"not: served on {threads} threads it can spend more than the budget. Calibrate on a quiet machine, or "
+            "serve with torch.set_num_threads(1)",
             stacklevel=3,
         )
         with _threads(1):
