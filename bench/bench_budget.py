@@ -34,6 +34,7 @@ from tabulate import tabulate
 
 from eenet_fast import evaluate
 from eenet_fast.errors import BudgetError
+from eenet_fast.timing import reach
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES, BUDGETS = (1, 8, 32, 256, 1024), (0.4, 0.5, 0.7)
@@ -119,10 +120,9 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
                 print(row, flush=True)
                 continue
             expected = evaluate(fitted, test)
-            reach = [float((expected.exits >= k).double().mean()) for k in range(model.num_exits)]
             ratio, spread, exits = measure(model, full, x[:samples], n, rounds)
             assert torch.equal(exits, expected.exits[:samples]), "adaptive inference left the offline simulation"
-            row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach, n),
+            row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach(expected.exits, model.num_exits), n),
                        accuracy=expected.accuracy, full_accuracy=full_accuracy,
                        exit_mix=[round(f, 3) for f in expected.exit_fractions])
             if load:

@@ -17,8 +17,8 @@ from eenet_fast.costs import CostSpec, measure_costs
 from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
-from eenet_fast.policies.thresholds import assign_exits, thresholds_for_fractions, tilt
-from eenet_fast.timing import LatencyModel, decision_times, measure_share, time_exits
+from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
+from eenet_fast.timing import LatencyModel, decision_times, measure_share, reach, time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -177,15 +177,14 @@ def _fit_for_time(
     smallest = latency.smallest_budgets()[latency.batch_size]
     guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.25), 1.0)
 
-    def fit_at(reach: list[float], target: float) -> Policy:
+    def fit_at(shares: list[float], target: float) -> Policy:
         try:
-            return fit(outputs.with_costs(latency.costs(reach)), target)
+            return fit(outputs.with_costs(latency.costs(shares)), target)
         except BudgetError:  # the later stages' fixed parts exceed the budget's room: price at the average
-            return fit(outputs.with_costs(latency.costs(reach, marginal=False)), target)
+            return fit(outputs.with_costs(latency.costs(shares, marginal=False)), target)
 
     def reach_of(policy: Policy) -> list[float]:
-        exits = policy.assign(outputs)
-        return [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+        return reach(policy.assign(outputs), model.num_exits)
 
     fitted = fit_at([guess**k for k in range(model.num_exits)], value)
     extra = decision_times(model, fitted, latency.batch_sizes, outputs.num_classes)
@@ -194,23 +193,23 @@ def _fit_for_time(
         latency = time_exits(model, example, batch_size, policy=fitted, progress=progress)
         check_time_budget(value, latency)
         smallest = latency.smallest_budgets()[latency.batch_size]  # the floor the targets below may sink to
-    target, reach = value, reach_of(fitted)
+    target, shares = value, reach_of(fitted)
     for _ in range(3):  # price around the last policy's reach; aim lower while the prediction overshoots
-        fitted = fit_at(reach, target)
-        reach = reach_of(fitted)
-        predicted = latency.predicted_fraction(reach)
+        fitted = fit_at(shares, target)
+        shares = reach_of(fitted)
+        predicted = latency.predicted_fraction(shares)
         if predicted <= value * 1.01 or target <= smallest:
             break
         target = max(smallest, target * value / predicted)
     if not certified:
-        reach = _most_accurate_in_time(fitted, outputs, latency, value)
+        shares = _most_accurate_in_time(fitted, outputs, latency, value)
     # whole adaptive forwards against the full model on the example: what the steps timed apart miss
     share, example_reach = measure_share(model, fitted, example, latency.batch_size, threads=latency.threads)
     factor = min(max(share / latency.predicted_fraction(example_reach) * latency.correction, 0.5), 2.0)
     if abs(factor / latency.correction - 1) > 0.02:
         latency = latency.corrected(factor)
         check_time_budget(value, latency)
-        fitted = fit_at(reach, value)
+        fitted = fit_at(shares, value)
         if not certified:
             _most_accurate_in_time(fitted, outputs, latency, value)
     fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
@@ -234,26 +233,27 @@ def _most_accurate_in_time(policy: Policy, outputs: ExitOutputs, latency: Latenc
     points below the full model, at batch 32 and a budget of 0.7 of its time, of which it used
     0.56). Judged at each candidate's own reach, the time model decides. The policy's costs become
     the stages' average prices at the chosen reach, under which its mean cost on ``outputs`` is
-    its predicted time share. When no candidate fits the budget the policy is left as it is."""
+    its predicted time share. When no candidate fits the budget the policy is left as it is (its own
+    reach is returned)."""
     scores = policy.exit_scores(outputs)
     correct = outputs.correct.float()
     num_exits = outputs.num_exits
-    fitted = torch.bincount(assign_exits(scores, policy.thresholds), minlength=num_exits).double() / outputs.num_samples
     uniform = torch.full((num_exits,), 1.0 / num_exits, dtype=torch.float64)
-    candidates = [policy.thresholds] + [thresholds_for_fractions(scores, tilt(base, s)) for base in (fitted, uniform) for s in TIME_TILTS]
+    bases = (exit_mix(scores, policy.thresholds), uniform)
+    candidates = [policy.thresholds] + [thresholds_for_fractions(scores, tilt(base, s)) for base in bases for s in TIME_TILTS]
     best: tuple[tuple[float, float], torch.Tensor, list[float]] | None = None
     for thresholds in candidates:
         exits = assign_exits(scores, thresholds)
-        reach = [float((exits >= k).double().mean()) for k in range(num_exits)]
-        predicted = latency.predicted_fraction(reach)
+        shares = reach(exits, num_exits)
+        predicted = latency.predicted_fraction(shares)
         key = (float(correct.gather(0, exits[None]).mean()), -predicted)
         if predicted <= value * 1.01 and (best is None or key > best[0]):
-            best = key, thresholds, reach
+            best = key, thresholds, shares
     if best is None:
-        return [float((policy.assign(outputs) >= k).double().mean()) for k in range(num_exits)]
-    _, policy.thresholds, reach = best
-    policy.costs = torch.tensor(latency.costs(reach, marginal=False), dtype=policy.costs.dtype)
-    return reach
+        return reach(assign_exits(scores, policy.thresholds), num_exits)
+    _, policy.thresholds, shares = best
+    policy.costs = torch.tensor(latency.costs(shares, marginal=False), dtype=policy.costs.dtype)
+    return shares
 
 
 def check_time_budget(budget: float | str, latency: LatencyModel) -> float:

@@ -38,7 +38,7 @@ from eenet_fast.costs import best_time
 from eenet_fast.policies import parse_budget
 from eenet_fast.runtime import EarlyExitModel
 from eenet_fast.wrapping import wrap
-from eenet_fast.timing import LatencyModel
+from eenet_fast.timing import LatencyModel, reach
 from eenet_fast.training import fit_exits
 from eenet_fast.zoo import MultiExitCNN
 
@@ -206,9 +206,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "full_model_accuracy": exit_acc[-1],
         "exit_fractions": expected.exit_fractions,
         "avg_cost": expected.avg_cost,
-        "predicted_time_share": policy.latency.predicted_fraction(
-            [float((expected.exits >= k).double().mean()) for k in range(model.num_exits)]
-        ),
+        "predicted_time_share": policy.latency.predicted_fraction(reach(expected.exits, model.num_exits)),
         "smallest_budget_by_batch": {str(n): b for n, b in policy.latency.smallest_budgets().items()},
     }
     model.save_policy(cfg.out / "eenet_policy.safetensors")

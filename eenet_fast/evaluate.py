@@ -13,7 +13,7 @@ from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
 from eenet_fast.policies.thresholds import average_cost
-from eenet_fast.timing import LatencyModel
+from eenet_fast.timing import LatencyModel, reach
 
 __all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
 
@@ -83,10 +83,9 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
 
 def _time_record(latency: LatencyModel, exits: torch.Tensor, num_exits: int) -> dict[str, Any]:
     """What a time budget's model predicts for these exits (see :attr:`Evaluation.time`)."""
-    reach = [float((exits >= k).double().mean()) for k in range(num_exits)]
     return {
         "batch_size": latency.batch_size,
-        "predicted_time_share": latency.predicted_fraction(reach),
+        "predicted_time_share": latency.predicted_fraction(reach(exits, num_exits)),
         "smallest_budget": latency.smallest_budgets()[latency.batch_size],
         "correction": latency.correction,
     }

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.policies.thresholds import assign_exits, thresholds_for_fractions, tilt
+from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
 
 if TYPE_CHECKING:
     from eenet_fast.policies.base import Policy
@@ -192,9 +192,8 @@ def tilt_family(scores: torch.Tensor, fitted: torch.Tensor) -> tuple[list[torch.
         ``[K]`` float32 thresholds and their ``log_s``: every sample at exit 1 (``-inf``), then the
         fitted exit mix tilted by each of :data:`LOG_TILTS` from the farthest, then ``fitted`` (0).
     """
-    num_exits, n = scores.shape
-    mix = torch.bincount(assign_exits(scores, fitted), minlength=num_exits).double() / max(n, 1)
-    first = torch.full((num_exits,), -math.inf, dtype=torch.float32)
+    first = torch.full((scores.shape[0],), -math.inf, dtype=torch.float32)
+    mix = exit_mix(scores, fitted)
     members = [first] + [thresholds_for_fractions(scores, tilt(mix, s)) for s in reversed(LOG_TILTS)] + [fitted]
     return members, [-math.inf, *reversed(LOG_TILTS), 0.0]
 

@@ -350,14 +350,20 @@ def _time_ladder(
         best = [_best_spread(values)[0] for values in samples[n]]
         # a step is the difference of the best forwards to its exit and to the one before (each the
         # least disturbed of its rounds; the best of the rounds' differences would be biased low)
-        reach = torch.tensor(best[:num_exits], dtype=torch.float64).cummax(0).values
-        exit_times[:, i] = torch.diff(reach, prepend=reach.new_zeros(1)) + torch.tensor(best[num_exits + 1:])
+        to_exit = torch.tensor(best[:num_exits], dtype=torch.float64).cummax(0).values
+        exit_times[:, i] = torch.diff(to_exit, prepend=to_exit.new_zeros(1)) + torch.tensor(best[num_exits + 1:])
         full_times[i] = best[num_exits]
         steps = [[b - a for a, b in zip([0.0] * len(samples[n][0]) if k == 0 else samples[n][k - 1], samples[n][k])]
                  for k in range(num_exits)]
         for k, values in enumerate([*steps, samples[n][num_exits]]):
             spread[k, i] = _best_spread(values)[1]
     return LatencyModel(sizes, exit_times, full_times, spread, threads=torch.get_num_threads())
+
+
+def reach(exits: torch.Tensor, num_exits: int) -> list[float]:
+    """The share of the samples that runs each of the ``num_exits`` stages, from their exits ``[N]``
+    (int64): what :meth:`LatencyModel.predicted_fraction` and :meth:`LatencyModel.costs` take."""
+    return [float((exits >= k).double().mean()) for k in range(num_exits)]
 
 
 def full_pass(model: EarlyExitModel, x: Any) -> torch.Tensor:
@@ -436,7 +442,7 @@ def measure_share(
         for _ in range(rounds):  # interleaved: a busy spell slows both
             fulls.append(_timed(lambda: full_pass(model, x), repeats, sync))
             adaptives.append(_timed(lambda: model(x), repeats, sync))
-    return min(adaptives) / min(fulls), [float((exits >= k).double().mean()) for k in range(model.num_exits)]
+    return min(adaptives) / min(fulls), reach(exits, model.num_exits)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from eenet_fast.policies.thresholds import (
     assign_exits,
     average_cost,
     best_over_bases,
+    exit_mix,
     fit_fractions_to_budget,
     random_bases,
 )
@@ -124,7 +125,7 @@ class SearchPolicy(MaxProbPolicy):
             trial, trial_accuracy = best_over_bases(scores, correct, val.costs, budget, bases, levels=(0.5, 0.75, 1.0))
             if trial_accuracy > accuracy:
                 thresholds, accuracy = trial, trial_accuracy
-                best = torch.bincount(assign_exits(scores, trial), minlength=val.num_exits).double() / val.num_samples
+                best = exit_mix(scores, trial)
         return thresholds
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "resolve_budget",
     "parse_budget",
     "assign_exits",
+    "exit_mix",
     "average_cost",
     "thresholds_for_fractions",
     "midpoint",
@@ -90,6 +91,13 @@ def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     for k in reversed(range(num_exits - 1)):
         exits = torch.where(scores[k].float() >= thresholds[k].float(), k, exits)
     return exits
+
+
+def exit_mix(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``[K]`` float64: the share of the samples leaving at each exit under ``thresholds`` (see
+    :func:`assign_exits`; all zeros for no samples)."""
+    num_exits, n = scores.shape
+    return torch.bincount(assign_exits(scores, thresholds), minlength=num_exits).double() / max(n, 1)
 
 
 def average_cost(exits: torch.Tensor, costs: torch.Tensor) -> float:
