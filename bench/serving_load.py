@@ -48,6 +48,7 @@ class Batcher:
     def __init__(self, fn: Callable[[torch.Tensor], ExitResult], max_batch: int, timeout_s: float) -> None:
         self.fn, self.max_batch, self.timeout_s = fn, max_batch, timeout_s
         self.queue: deque[tuple[torch.Tensor, Future, float]] = deque()
+        self.queued = 0  # samples in the queue (kept, not summed: the queue holds thousands at saturation)
         self.cond = threading.Condition()
         self.closed = False
         self.batches: list[int] = []
@@ -58,6 +59,7 @@ class Batcher:
         future: Future = Future()
         with self.cond:
             self.queue.append((x, future, time.perf_counter()))
+            self.queued += len(x)
             self.cond.notify()
         return future
 
@@ -75,7 +77,7 @@ class Batcher:
                         self.cond.wait()
                     if not self.queue:
                         return
-                    while sum(len(x) for x, _, _ in self.queue) < self.max_batch and not self.closed:
+                    while self.queued < self.max_batch and not self.closed:
                         left = self.queue[0][2] + self.timeout_s - time.perf_counter()
                         if left <= 0:
                             break
@@ -84,6 +86,7 @@ class Batcher:
                     while self.queue and size + len(self.queue[0][0]) <= max(self.max_batch, len(self.queue[0][0])):
                         taken.append(self.queue.popleft())
                         size += len(taken[-1][0])
+                        self.queued -= len(taken[-1][0])
                         if size >= self.max_batch:
                             break
                 self.batches.append(size)
