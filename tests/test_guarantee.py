@@ -12,10 +12,12 @@ from model_utils import C, D, mlp_model
 from eenet_fast.cli import main
 from eenet_fast.evaluate import evaluate, format_table
 from eenet_fast.guarantee import (
+    REFIT_METHOD,
     BudgetGuarantee,
     betting_pvalues,
     betting_upper_bound,
     fixed_sequence,
+    refit_family,
     split_outputs,
     tilt_family,
 )
@@ -105,6 +107,28 @@ def test_family_runs_from_exit_one_to_the_fitted_thresholds(synthetic_val):
     assert tilts[0] == -math.inf and tilts[-1] == 0.0 and tilts == sorted(tilts)
     assert float(costs[0]) == pytest.approx(0.25) and torch.equal(members[-1], policy.thresholds)
     assert bool((costs[1:] >= costs[:-1] - 1e-3).all())  # cheapest first (up to rounding of the counts)
+
+
+def test_search_is_certified_over_its_own_fits_at_lower_budgets(synthetic_val, synthetic_test, tmp_path):
+    val = synthetic_val.subset(torch.arange(1200))
+    fitted = make_policy("search", rounds=1, samples=2).fit(val, 0.5)
+    members, budgets = refit_family(fitted, val)
+    scores = fitted.exit_scores(val)
+    costs = torch.stack([val.costs[assign_exits(scores, t)].mean() for t in members])
+    assert budgets[0] == pytest.approx(0.25) and budgets[-1] == 0.5 and budgets == sorted(budgets)
+    assert bool((costs <= torch.tensor(budgets, dtype=costs.dtype) + 1e-9).all())  # each fit meets its budget
+    assert float(costs[0]) == pytest.approx(0.25) and torch.equal(members[-1], fitted.thresholds)
+
+    policy = make_policy("search", rounds=1, samples=2).fit(synthetic_val, 0.5, confidence=0.95, seed=4)
+    g = policy.guarantee
+    assert g.method == REFIT_METHOD and g.log_tilt is None and 0.25 <= g.fitted_budget <= 0.5
+    assert g.holdout_cost <= g.upper_bound <= 0.5
+    assert BudgetGuarantee.from_record(json.loads(json.dumps(g.record()))) == g
+    model = mlp_model()
+    model.calibrate(model.collect([(torch.randn(300, D), torch.randint(C, (300,)))], progress=False, costs=[1, 2, 3]), 2,
+                    policy="search", confidence=0.95, rounds=1, samples=2, progress=False)
+    model.save_policy(tmp_path / "p.safetensors")
+    assert model.load_policy(tmp_path / "p.safetensors").guarantee == model.policy.guarantee
 
 
 def test_certification_covers_the_population_mean(one_thread):

@@ -85,6 +85,9 @@ class Policy(nn.Module, ABC):
 
     name: ClassVar[str]
     deployable: ClassVar[bool] = True  # False for policies that need labels at inference (the oracle)
+    # how a fit with a confidence builds the family of thresholds it certifies (eenet_fast.guarantee):
+    # "tilt" (tilts of the fitted exit mix) or "refit" (fits at lower budgets: scores independent of the fit)
+    certify_by: ClassVar[str] = "tilt"
 
     def __init__(self) -> None:
         super().__init__()
