@@ -142,17 +142,23 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
     summary = run_demo(cfg, log=click.echo)
     click.echo(format_table(summary["records"]))
     s = summary["speed"]
+    share = 1 / s["speedup"]
+    pace = f"{s['speedup']:.2f}x faster" if s["speedup"] >= 1 else f"{share:.2f}x slower"
     click.echo(
         f"\nAdaptive inference (eenet, budget {s['budget']} of the full model's measured latency, batch {s['batch_size']}, "
         f"{s['threads']} threads) over the 10,000 test images:\n"
-        f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s: {s['speedup']:.2f}x faster "
-        f"(time share {1 / s['speedup']:.3f}; predicted {s['predicted_time_share']:.3f})\n"
+        f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s: {pace} "
+        f"(time share {share:.3f}; predicted {s['predicted_time_share']:.3f})\n"
         f"  accuracy {100 * s['accuracy_measured']:.2f}% (offline evaluation predicted "
         f"{100 * s['accuracy_predicted']:.2f}%; full model {100 * s['full_model_accuracy']:.2f}%), "
         f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}\n"
         f"  smallest feasible time budget by batch size: "
         f"{', '.join(f'{n}: {b:.2f}' for n, b in s['smallest_budget_by_batch'].items())}"
     )
+    if abs(share / s["predicted_time_share"] - 1) > 0.25:
+        click.echo(f"  the time share served is {share / s['predicted_time_share']:.2f}x the predicted one: another process "
+                   "probably shared the CPU while timing or serving (small operations on several threads wait for the "
+                   "slowest); run the demo again on a quiet machine, or with --threads 1")
     click.echo(f"\nResults in {out}/results.json" + (f", plots in {summary['plot']} and {summary['latency_plot']}"
                if summary["plot"] else " (pip install 'eenet-fast[report]' for the plots)"))
 

@@ -13,7 +13,7 @@ def test_demo_trains_calibrates_and_runs_adaptive_inference(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--budget", "0.4,0.6", "--speed-budget", "0.6"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "faster" in result.output and "| eenet" in result.output
+    assert ("faster" in result.output or "slower" in result.output) and "| eenet" in result.output
     summary = json.loads((tmp_path / "results.json").read_text())
     speed = summary["speed"]
     assert speed["accuracy_measured"] == speed["accuracy_predicted"]  # real early exit == offline simulation
@@ -25,3 +25,17 @@ def test_demo_trains_calibrates_and_runs_adaptive_inference(tmp_path):
     assert speed["smallest_budget_by_batch"]["256"] <= float(speed["budget"])
     again = CliRunner().invoke(main, args)  # cached: no training the second time
     assert again.exit_code == 0 and "loaded the cached model" in again.output
+
+
+@pytest.mark.parametrize("full_s, adaptive_s, words, hint", [(2.0, 1.0, "2.00x faster", False), (4.0, 5.9, "1.48x slower", True)])
+def test_demo_says_slower_and_why_when_the_served_share_misses_the_prediction(monkeypatch, tmp_path, full_s, adaptive_s,
+                                                                                 words, hint):
+    speed = {"budget": "0.5", "batch_size": 256, "threads": 2, "full_model_s": full_s, "adaptive_s": adaptive_s,
+             "speedup": full_s / adaptive_s, "predicted_time_share": 0.5, "accuracy_measured": 0.89,
+             "accuracy_predicted": 0.89, "full_model_accuracy": 0.9, "exit_fractions": [0.7, 0.3],
+             "smallest_budget_by_batch": {"256": 0.36}}
+    monkeypatch.setattr("eenet_fast.demo.run_demo", lambda cfg, log: {"records": [], "speed": speed, "plot": None})
+    monkeypatch.setattr("eenet_fast.cli.format_table", lambda records: "")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert words in result.output and ("another process" in result.output) == hint
