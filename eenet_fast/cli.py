@@ -146,7 +146,7 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
     pace = f"{s['speedup']:.2f}x faster" if s["speedup"] >= 1 else f"{share:.2f}x slower"
     click.echo(
         f"\nAdaptive inference (eenet, budget {s['budget']} of the full model's measured latency, batch {s['batch_size']}, "
-        f"{s['threads']} threads) over the 10,000 test images:\n"
+        f"{s['threads']} thread{'s' if s['threads'] > 1 else ''}) over the 10,000 test images:\n"
         f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s: {pace} "
         f"(time share {share:.3f}; predicted {s['predicted_time_share']:.3f})\n"
         f"  accuracy {100 * s['accuracy_measured']:.2f}% (offline evaluation predicted "
@@ -157,8 +157,7 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
     )
     if abs(share / s["predicted_time_share"] - 1) > 0.25:
         click.echo(f"  the time share served is {share / s['predicted_time_share']:.2f}x the predicted one: another process "
-                   "probably shared the CPU while timing or serving (small operations on several threads wait for the "
-                   "slowest); run the demo again on a quiet machine, or with --threads 1")
+                   "probably shared the CPU while timing or serving; run the demo again on a quiet machine")
     click.echo(f"\nResults in {out}/results.json" + (f", plots in {summary['plot']} and {summary['latency_plot']}"
                if summary["plot"] else " (pip install 'eenet-fast[report]' for the plots)"))
 

@@ -56,7 +56,7 @@ from eenet_fast.policies import ExitHistory, Policy, make_policy
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times"]
+__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times", "torch_threads"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -296,13 +296,13 @@ def time_exits(
             "serve with torch.set_num_threads(1)",
             stacklevel=3,
         )
-        with _threads(1):
+        with torch_threads(1):
             latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
     return latency
 
 
 @contextmanager
-def _threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     """torch on ``count`` CPU threads for the block."""
     saved = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -435,7 +435,7 @@ def measure_share(
     """
     x = _rows(move_to(example, model.device), batch_size)
     sync = synchronizer(model.device)
-    with _installed(model, policy), _threads(torch.get_num_threads() if threads is None else threads):
+    with _installed(model, policy), torch_threads(torch.get_num_threads() if threads is None else threads):
         exits = model(x).exits
         repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync))  # the warm-up sets the calls per timing
         fulls, adaptives = [], []
