@@ -38,7 +38,8 @@ from eenet_fast.costs import best_time
 from eenet_fast.policies import parse_budget
 from eenet_fast.runtime import EarlyExitModel
 from eenet_fast.wrapping import wrap
-from eenet_fast.timing import LatencyModel, reach, torch_threads
+from eenet_fast.threads import torch_threads
+from eenet_fast.timing import LatencyModel, reach
 from eenet_fast.training import fit_exits
 from eenet_fast.zoo import MultiExitCNN
 

@@ -52,11 +52,12 @@ from eenet_fast.backends import select_backend
 from eenet_fast.batch import batch_size as batch_size_of, map_batch, move_to
 from eenet_fast.errors import InputError
 from eenet_fast.policies import ExitHistory, Policy, make_policy
+from eenet_fast.threads import torch_threads
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times", "torch_threads"]
+__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -299,17 +300,6 @@ def time_exits(
         with torch_threads(1):
             latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
     return latency
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch on ``count`` CPU threads for the block."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _time_ladder(

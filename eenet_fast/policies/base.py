@@ -19,9 +19,8 @@ precision the network runs in. A fitted policy's parameters need no gradients.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +30,7 @@ from eenet_fast.errors import InputError, PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies.thresholds import assign_exits, average_cost, resolve_budget
+from eenet_fast.threads import torch_threads
 
 if TYPE_CHECKING:
     from eenet_fast.guarantee import BudgetGuarantee
@@ -60,18 +60,6 @@ class ExitHistory:
             torch.cat([self.scores, score.unsqueeze(1)], 1),
             torch.cat([self.predictions, prediction.unsqueeze(1)], 1),
         )
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: fitting is thousands of small ops, which gain nothing from more
-    threads and slow down many times over when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Policy(nn.Module, ABC):
@@ -168,7 +156,9 @@ class Policy(nn.Module, ABC):
 
             guarantee.check_confidence(confidence, holdout)
             fit_part, holdout_part = guarantee.split_outputs(val, holdout, seed)
-        with _one_thread():
+        # one thread: fitting is thousands of small ops, which gain nothing from more threads and slow
+        # down many times over when another process holds a core
+        with torch_threads(1):
             self.thresholds = self._fit(fit_part, self.budget)
         self.requires_grad_(False)
         exits = self.assign(fit_part)
@@ -176,7 +166,7 @@ class Policy(nn.Module, ABC):
         if cost > self.budget * (1 + 1e-9):  # the fitting routines guarantee this; keep them honest
             raise RuntimeError(f"{self.name}: validation cost {cost:.6g} exceeds the budget {self.budget:.6g}")
         if confidence is not None:
-            with _one_thread():
+            with torch_threads(1):
                 self.thresholds, self.guarantee = guarantee.certify(self, fit_part, holdout_part, self.budget, confidence)
         return self
 
