@@ -101,13 +101,13 @@ def prepare(name: str, costs: str = "latency", batch: int = 64) -> tuple[EarlyEx
     from eenet_fast.demo import DemoConfig, prepare_demo
 
     out = RUNS / "bench_serving"
+    timing = {"batch_size": batch} if costs == "latency" else {}  # a time budget holds at the batch served
     out.mkdir(parents=True, exist_ok=True)
     if name == "cnn":
         parts = prepare_demo(DemoConfig(out=RUNS / "demo", progress=False), log=print)
         model, _ = cnn_factory()
         images, labels = parts.x_test, parts.y_test
-        timing = {"example": images[:batch], "batch_size": batch} if costs == "latency" else {"example": images[:batch]}
-        model.calibrate(parts.val, 0.5, policy="eenet", costs=costs, seed=0, progress=False, **timing)
+        model.calibrate(parts.val, 0.5, policy="eenet", costs=costs, seed=0, progress=False, example=images[:batch], **timing)
     else:
         from safetensors.torch import save_file
 
@@ -121,7 +121,6 @@ def prepare(name: str, costs: str = "latency", batch: int = 64) -> tuple[EarlyEx
         model, _ = resnet_factory()
         x, y = data["train"]
         val = [(x[i : i + 500], y[i : i + 500]) for i in range(50_000, 55_000, 500)]
-        timing = {"batch_size": batch} if costs == "latency" else {}
         model.calibrate(val, 0.5, policy="eenet", costs=costs, seed=0, progress=False, **timing)
         images, labels = data["test"]
     policy = out / f"{name}_policy.safetensors"

@@ -155,8 +155,9 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
         f"  smallest feasible time budget by batch size: "
         f"{', '.join(f'{n}: {b:.2f}' for n, b in s['smallest_budget_by_batch'].items())}"
     )
-    if abs(share / s["predicted_time_share"] - 1) > 0.25:
-        click.echo(f"  the time share served is {share / s['predicted_time_share']:.2f}x the predicted one: another process "
+    off = share / s["predicted_time_share"]
+    if abs(off - 1) > 0.25:
+        click.echo(f"  the time share served is {off:.2f}x the predicted one: another process "
                    "probably shared the CPU while timing or serving; run the demo again on a quiet machine")
     click.echo(f"\nResults in {out}/results.json" + (f", plots in {summary['plot']} and {summary['latency_plot']}"
                if summary["plot"] else " (pip install 'eenet-fast[report]' for the plots)"))
