@@ -163,7 +163,8 @@ def _fit_for_time(
 
     The exits are timed with the max-score decision, and the first fit prices the stages around a
     reach guessed from the budget. When the fitted policy's own decision costs more (EENet's
-    scheduler), the exits are timed again with it. The next fits price around the last policy's
+    scheduler), the exits are timed again with it, on the threads of the first timing (one, when
+    the machine was busy). The next fits price around the last policy's
     reach on ``outputs``; while the model predicts more time than the budget there, the target is
     lowered in proportion (at most three fits). Where the fixed parts of the later stages leave no
     room at the margin, the stages are priced at their average. Last, whole adaptive forwards with
@@ -190,7 +191,7 @@ def _fit_for_time(
     extra = decision_times(model, fitted, latency.batch_sizes, outputs.num_classes)
     extra -= decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
     if float((extra / latency.exit_times.clamp_min(1e-9)).max()) > 0.02:  # a dearer decision: time it in the forwards
-        latency = time_exits(model, example, batch_size, policy=fitted, progress=progress)
+        latency = time_exits(model, example, batch_size, policy=fitted, threads=latency.threads, progress=progress)
         check_time_budget(value, latency)
         smallest = latency.smallest_budgets()[latency.batch_size]  # the floor the targets below may sink to
     target, shares = value, reach_of(fitted)
@@ -301,7 +302,8 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
         f"the time-budget policy is {100 * (full - ours):.1f} points less accurate than the full model on validation, "
         f"where the FLOPs say the same budget costs under 1 point: measured time costs per exit "
         f"{[round(c, 3) for c in latency.costs()]} against FLOPs {[round(c, 3) for c in flops]}, timing spread up "
-        f"to {100 * float(latency.spread.max()):.0f} %. If the machine was busy, calibrate again when it is quiet; "
+        f"to {100 * float(latency.spread.max()):.0f} %, {100 * latency.cpu_share:.0f} % of its {latency.threads} "
+        f"thread(s)' CPU time while timing. If the machine was busy, calibrate again when it is quiet; "
         f"otherwise the early stages are slow for their FLOPs here: raise the budget, or calibrate with costs='flops'",
         stacklevel=3,
     )

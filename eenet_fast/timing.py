@@ -9,7 +9,10 @@ the steps: its checks, allocations and result), timed inside real forwards. The 
 the model and its exits alike; each timing follows an untimed call of the same work (memory and
 caches as in serving, batch after batch); each forward keeps the smallest time over the rounds (a
 busy machine only adds time), a step is the difference of two such forwards (never negative: a step
-too small to tell from the noise reads 0), and the spread of the rounds is recorded.
+too small to tell from the noise reads 0), and the spread of the rounds is recorded. On one CPU
+thread the clock is the thread's CPU time, which time given to other processes does not enter;
+with more threads, a machine busy with other processes is found by the CPU time the process got
+(:attr:`LatencyModel.cpu_share`) and the ladder is timed again on one thread.
 
 :class:`LatencyModel` holds those times. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
@@ -42,7 +45,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -57,7 +60,7 @@ from eenet_fast.threads import torch_threads
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "ladder", "time_exits", "measure_share", "decision_times"]
+__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_share", "decision_times"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -81,6 +84,9 @@ class LatencyModel:
         correction: a factor on every exit step, from timing whole adaptive forwards against the
             full model (:func:`measure_share`): what the steps timed apart miss.
         threads: the CPU threads torch ran on while timing (one when the machine was busy).
+        cpu_share: the CPU time the process got while timing over ``threads`` times the wall time
+            (1.0 when it had its cores to itself, and off the CPU); below :data:`BUSY_CPU_SHARE`
+            other processes competed for the cores.
     """
 
     batch_sizes: tuple[int, ...]
@@ -89,6 +95,7 @@ class LatencyModel:
     spread: torch.Tensor
     correction: float = 1.0
     threads: int = 1
+    cpu_share: float = 1.0
 
     def __post_init__(self) -> None:
         sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
@@ -176,12 +183,11 @@ class LatencyModel:
 
     def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
         """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
-        return LatencyModel(self.batch_sizes, (self.exit_times + extra).clamp_min(0), self.full_times, self.spread,
-                            self.correction, self.threads)
+        return replace(self, exit_times=(self.exit_times + extra).clamp_min(0))
 
     def corrected(self, factor: float) -> "LatencyModel":
         """The model with every exit step scaled by ``factor`` (replacing any earlier correction)."""
-        return LatencyModel(self.batch_sizes, self.exit_times, self.full_times, self.spread, float(factor), self.threads)
+        return replace(self, correction=float(factor))
 
     def record(self) -> dict[str, Any]:
         """A JSON-ready dict (seconds), read back by :meth:`from_record`."""
@@ -192,6 +198,7 @@ class LatencyModel:
             "spread": self.spread.tolist(),
             "correction": self.correction,
             "threads": self.threads,
+            "cpu_share": self.cpu_share,
         }
 
     @classmethod
@@ -204,6 +211,7 @@ class LatencyModel:
             torch.tensor(record["spread"], dtype=torch.float64),
             float(record.get("correction", 1.0)),
             int(record.get("threads", 1)),
+            float(record.get("cpu_share", 1.0)),
         )
 
 
@@ -228,16 +236,26 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    """Seconds per call of ``fn`` over ``repeats`` calls, after one untimed call of the same work
-    (memory and caches as in serving, where one batch follows another)."""
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock that times work on ``device``: on one CPU thread the thread's CPU time (torch runs
+    the work on the calling thread, and time the system gives to other processes does not count:
+    demo CNN on one thread beside a two-thread torch process on 2 cores, the wall clock's rounds
+    spread by up to 166 % and put the first exit at batch 32 at 0.74 of the full model in one of two
+    ladders, against 0.46-0.50 quiet; the thread's CPU time spread by at most 33 %); otherwise the
+    wall clock (torch's other threads, or the device, do the work)."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float]) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls on the clock ``now``, after one untimed
+    call of the same work (memory and caches as in serving, where one batch follows another)."""
     fn()
     sync()
-    start = time.perf_counter()
+    start = now()
     for _ in range(repeats):
         fn()
     sync()
-    return (time.perf_counter() - start) / repeats
+    return (now() - start) / repeats
 
 
 def _repeats_for(seconds: float) -> int:
@@ -245,7 +263,7 @@ def _repeats_for(seconds: float) -> int:
     return max(1, min(256, math.ceil(5e-3 / max(seconds, 1e-9))))
 
 
-BUSY_SPREAD = 0.25  # the full model's rounds spread more than this (IQR / median): another process competes
+BUSY_CPU_SHARE = 0.85  # the process got less of its threads' CPU time than this while timing: others compete
 
 
 @torch.no_grad()
@@ -256,6 +274,7 @@ def time_exits(
     *,
     rounds: int = 5,
     policy: Policy | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> LatencyModel:
     """Time the full model and every exit's step on the ladder of batch sizes up to ``batch_size``.
@@ -272,29 +291,30 @@ def time_exits(
         rounds: timed rounds after one warm-up; each forward keeps the smallest.
         policy: the fitted policy whose decision the forwards run (its thresholds are replaced
             while timing; default: the max-score decision).
+        threads: the CPU threads to time on (default: torch's current setting).
         progress: a progress bar over the rounds.
 
-    When the full model's rounds spread by more than ``BUSY_SPREAD`` (another process competes for
-    the cores), the ladder is timed again on one thread, with a warning: a parallel region waits
-    for its slowest thread, so a competitor distorts the time shares of a multi-threaded model
-    (measured on the demo CNN at batch 256, 2 threads on 2 cores beside one busy process: exit 3
-    took 2.4x the full model), while one thread keeps a core to itself. One thread's shares are
-    not the multi-threaded ones, though: the stages lose a thread and the exits' small operations
-    do not, so the exits look cheaper (``bench/bench_budget.py --load``, demo CNN: policies fitted
-    this way spent 4-8 % over the budget when served quiet on 2 threads at batch 256 and 1024, and
-    20 % at batch 32). The model records the threads it was timed with (``LatencyModel.threads``);
-    :func:`measure_share` uses as many.
+    When the process gets less than :data:`BUSY_CPU_SHARE` of its threads' CPU time on the CPU
+    (other processes compete for the cores), the ladder is timed again on one thread, with a
+    warning: a parallel region waits for its slowest thread, so a competitor distorts the time
+    shares of a multi-threaded model (measured on the demo CNN at batch 256, 2 threads on 2 cores
+    beside one busy process: exit 3 took 2.4x the full model), while one thread is timed on its own
+    CPU time (:func:`clock`). One thread's shares are not the multi-threaded ones, though: the
+    stages lose a thread and the exits' small operations do not, so the exits look cheaper
+    (``bench/bench_budget.py --load``, demo CNN: policies fitted this way spent 4-8 % over the
+    budget when served quiet on 2 threads at batch 256 and 1024, and 20 % at batch 32). The model
+    records the threads it was timed with (``LatencyModel.threads``); :func:`measure_share` uses as
+    many, and so should serving.
     """
-    latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
-    threads = torch.get_num_threads()
-    busy = float(latency.spread[-1].median())
-    if busy > BUSY_SPREAD and threads > 1:
+    with torch_threads(torch.get_num_threads() if threads is None else threads):
+        latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
+    if latency.cpu_share < BUSY_CPU_SHARE and latency.threads > 1:
         warnings.warn(
-            f"the machine is busy: the full model's timings spread by {100 * busy:.0f} % (interquartile range / "
-            f"median), so its {threads} threads wait on each other; timing again with one thread. The policy will be "
-            f"fitted to one thread's time shares, where the stages lose a thread and the exits' small operations do "
-            f"not: served on {threads} threads it can spend more than the budget. Calibrate on a quiet machine, or "
-            "serve with torch.set_num_threads(1)",
+            f"the machine is busy: this process got {100 * latency.cpu_share:.0f} % of its {latency.threads} threads' "
+            f"CPU time while timing, so the threads wait on each other; timing again with one thread. The policy will "
+            f"be fitted to one thread's time shares, where the stages lose a thread and the exits' small operations do "
+            f"not: served on {latency.threads} threads it can spend more than the budget. Calibrate on a quiet machine, "
+            "or serve with torch.set_num_threads(1)",
             stacklevel=3,
         )
         with torch_threads(1):
@@ -320,19 +340,23 @@ def _time_ladder(
     inputs = {n: _rows(x, n) for n in sizes}
     repeats = {n: 1 for n in sizes}
     order = list(sizes)
+    now, threads = clock(device), torch.get_num_threads()
+    wall, cpu = time.perf_counter(), time.process_time()
     for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
         random.Random(r).shuffle(order)
         for n in order:
-            forwards = [_timed(lambda: forward_to(k, inputs[n]), repeats[n], sync) for k in range(num_exits)]
-            full = _timed(lambda: full_pass(model, inputs[n]), repeats[n], sync)
+            forwards = [_timed(lambda: forward_to(k, inputs[n]), repeats[n], sync, now) for k in range(num_exits)]
+            full = _timed(lambda: full_pass(model, inputs[n]), repeats[n], sync, now)
             states = _stage_outputs(model, inputs[n])  # untimed: kept alive, they would slow the passes above
-            compactions = [_timed(lambda: compact_half(k, states[k]), repeats[n], sync) for k in range(num_exits - 1)] + [0.0]
+            compactions = [_timed(lambda: compact_half(k, states[k]), repeats[n], sync, now) for k in range(num_exits - 1)] + [0.0]
             states = None  # freed before the next size is timed
             if r == 0:  # warm-up: sets the calls per timing
                 repeats[n] = _repeats_for(full)
                 continue
             for k, seconds in enumerate([*forwards, full, *compactions]):
                 samples[n][k].append(seconds)
+    # the CPU time the process got, of what its threads could have had: 1 when they had their cores
+    cpu_share = (time.process_time() - cpu) / (threads * (time.perf_counter() - wall)) if device.type == "cpu" else 1.0
     exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
     full_times = torch.empty(len(sizes), dtype=torch.float64)
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
@@ -347,7 +371,7 @@ def _time_ladder(
                  for k in range(num_exits)]
         for k, values in enumerate([*steps, samples[n][num_exits]]):
             spread[k, i] = _best_spread(values)[1]
-    return LatencyModel(sizes, exit_times, full_times, spread, threads=torch.get_num_threads())
+    return LatencyModel(sizes, exit_times, full_times, spread, threads=threads, cpu_share=min(cpu_share, 1.0))
 
 
 def reach(exits: torch.Tensor, num_exits: int) -> list[float]:
@@ -426,12 +450,12 @@ def measure_share(
     x = _rows(move_to(example, model.device), batch_size)
     sync = synchronizer(model.device)
     with _installed(model, policy), torch_threads(torch.get_num_threads() if threads is None else threads):
-        exits = model(x).exits
-        repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync))  # the warm-up sets the calls per timing
+        exits, now = model(x).exits, clock(model.device)
+        repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync, now))  # the warm-up sets the calls per timing
         fulls, adaptives = [], []
         for _ in range(rounds):  # interleaved: a busy spell slows both
-            fulls.append(_timed(lambda: full_pass(model, x), repeats, sync))
-            adaptives.append(_timed(lambda: model(x), repeats, sync))
+            fulls.append(_timed(lambda: full_pass(model, x), repeats, sync, now))
+            adaptives.append(_timed(lambda: model(x), repeats, sync, now))
     return min(adaptives) / min(fulls), reach(exits, model.num_exits)
 
 
@@ -440,7 +464,7 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
     """``[K, L]`` seconds of ``policy``'s exit decision alone (features, score, flags) on random
     logits of each batch size, the smallest of ``repeats`` calls: with the max-score decision as the
     baseline, what a policy's scorer adds to each exit's step."""
-    backend, sync = select_backend(model.backend, model.device), synchronizer(model.device)
+    backend, sync, now = select_backend(model.backend, model.device), synchronizer(model.device), clock(model.device)
     times = torch.empty(model.num_exits, len(batch_sizes), dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     for i, n in enumerate(batch_sizes):
@@ -449,6 +473,6 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
             history = ExitHistory(torch.rand(n, k, generator=generator).to(model.device), torch.zeros(n, k, dtype=torch.long, device=model.device))
             last = k == model.num_exits - 1
             threshold = torch.tensor(0.5, device=model.device)
-            times[k, i] = min(_timed(lambda: backend.decide(policy, k, logits, history, last, threshold), 1, sync)
+            times[k, i] = min(_timed(lambda: backend.decide(policy, k, logits, history, last, threshold), 1, sync, now)
                               for _ in range(repeats))
     return times

@@ -1,12 +1,14 @@
 """The time model of a time budget: the ladder, the interpolated steps, the linearised costs, the timing."""
 
 import math
+import time
 
 import pytest
 import torch
 
 from eenet_fast.errors import InputError
-from eenet_fast.timing import LatencyModel, decision_times, ladder, measure_share, time_exits
+from eenet_fast.threads import torch_threads
+from eenet_fast.timing import LatencyModel, clock, decision_times, ladder, measure_share, time_exits
 from eenet_fast.wrapping import wrap
 from eenet_fast.zoo import MultiExitCNN
 from eenet_fast import make_policy
@@ -77,6 +79,10 @@ def test_record_round_trip_and_bad_records():
     again = LatencyModel.from_record(model.record())
     assert again.batch_sizes == model.batch_sizes and torch.equal(again.exit_times, model.exit_times)
     assert again.costs() == model.costs()
+    busy = LatencyModel.from_record({**model.record(), "threads": 2, "cpu_share": 0.5}).corrected(1.5)
+    assert (busy.threads, busy.cpu_share, busy.correction) == (2, 0.5, 1.5)
+    old = {k: v for k, v in model.record().items() if k != "cpu_share"}  # written before cpu_share was recorded
+    assert LatencyModel.from_record(old).cpu_share == 1.0
     with pytest.raises(ValueError, match="increasing"):
         _model([[1.0, 2.0]], [2.0, 3.0], sizes=(2, 1))
     with pytest.raises(ValueError, match="full model's > 0"):
@@ -133,16 +139,35 @@ def test_a_busy_machine_is_timed_again_on_one_thread_with_a_warning(monkeypatch)
 
     def ladder_of(model, example, batch_size, rounds, policy, progress):
         calls.append(torch.get_num_threads())
-        spread = torch.full((2, 1), 0.9 if len(calls) == 1 else 0.01)  # wild rounds, then calm ones
         times = torch.tensor([[1.0]], dtype=torch.float64)
-        return LatencyModel((1,), times, torch.ones(1, dtype=torch.float64), spread, threads=torch.get_num_threads())
+        share = 0.5 if len(calls) == 1 else 1.0  # half the CPU time two threads could have had, then all of it
+        return LatencyModel((1,), times, torch.ones(1, dtype=torch.float64), torch.zeros(2, 1),
+                            threads=torch.get_num_threads(), cpu_share=share)
 
     monkeypatch.setattr(timing, "_time_ladder", ladder_of)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.warns(UserWarning, match="the machine is busy.*timing again with one thread"):
+    with torch_threads(2):
+        with pytest.warns(UserWarning, match="the machine is busy: this process got 50 % of its 2 threads'.*timing again with one thread"):
             latency = time_exits(None, None)
         assert calls == [2, 1] and latency.threads == 1 and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+        calls.clear()
+        latency = time_exits(None, None, threads=1)  # asked for one thread (a re-timing): no fallback to look for
+        assert calls == [1] and latency.threads == 1 and torch.get_num_threads() == 2
+
+
+def test_one_cpu_thread_is_timed_on_its_own_cpu_time():
+    cpu = torch.device("cpu")
+    with torch_threads(1):
+        now = clock(cpu)
+        start = now()
+        time.sleep(0.05)  # the thread waits: time the system gives to other processes is not counted
+        assert now() - start < 0.025
+    with torch_threads(2):
+        assert clock(cpu) is time.perf_counter  # other threads do part of the work: the wall clock
+    assert clock(torch.device("meta")) is time.perf_counter
+
+
+def test_time_exits_records_the_cpu_share_it_got():
+    model = wrap(MultiExitCNN(widths=(4, 8, 8))).eval()
+    with torch_threads(1):
+        latency = time_exits(model, torch.randn(2, 1, 28, 28), 2, rounds=1, progress=False)
+    assert latency.threads == 1 and 0.0 < latency.cpu_share <= 1.0
