@@ -151,7 +151,9 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
         f"(time share {share:.3f}; predicted {s['predicted_time_share']:.3f})\n"
         f"  accuracy {100 * s['accuracy_measured']:.2f}% (offline evaluation predicted "
         f"{100 * s['accuracy_predicted']:.2f}%; full model {100 * s['full_model_accuracy']:.2f}%), "
-        f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}\n"
+        f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}"
+        + (f" ({s['exits_off_by_rounding']} sample(s) at a neighbouring exit: scores at a threshold, where the "
+           "logits' last bits decide)" if s.get("exits_off_by_rounding") else "") + "\n"
         f"  smallest feasible time budget by batch size: "
         f"{', '.join(f'{n}: {b:.2f}' for n, b in s['smallest_budget_by_batch'].items())}"
     )

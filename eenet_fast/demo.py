@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from eenet_fast.datasets import load_fashion_mnist
-from eenet_fast.evaluate import compare, evaluate
+from eenet_fast.evaluate import check_exits, compare, evaluate
 from eenet_fast.files import write_atomic
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.costs import best_time
@@ -194,8 +194,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     exits = torch.cat([r.exits for r in results])
     predictions = torch.cat([r.predictions for r in results])
     measured_accuracy = float((predictions == y_test).double().mean())
-    if not torch.equal(exits, expected.exits):
-        raise RuntimeError("adaptive inference took other exits than the offline simulation predicted")
+    rounding = check_exits(policy, test, exits)  # raises unless any difference is a score at its threshold
     speed = {
         "policy": "eenet",
         "budget": cfg.speed_budget,
@@ -208,6 +207,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "speedup": t_full / t_adaptive,
         "accuracy_measured": measured_accuracy,
         "accuracy_predicted": expected.accuracy,
+        "exits_off_by_rounding": rounding,
         "full_model_accuracy": exit_acc[-1],
         "exit_fractions": expected.exit_fractions,
         "avg_cost": expected.avg_cost,

@@ -15,7 +15,7 @@ from eenet_fast.policies import POLICIES, Policy, make_policy, resolve_budget
 from eenet_fast.policies.thresholds import average_cost
 from eenet_fast.timing import LatencyModel, reach
 
-__all__ = ["Evaluation", "Comparison", "evaluate", "check_pair", "compare", "format_table"]
+__all__ = ["Evaluation", "Comparison", "evaluate", "check_exits", "check_pair", "compare", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,46 @@ def evaluate(policy: Policy, outputs: ExitOutputs) -> Evaluation:
         guarantee=None if policy.guarantee is None else policy.guarantee.record(),
         time=None if policy.latency is None else _time_record(policy.latency, exits, num_exits),
     )
+
+
+ROUNDING = 1e-4  # a score this close to its threshold may fall on either side in a real forward
+
+
+def check_exits(policy: Policy, outputs: ExitOutputs, exits: torch.Tensor, tolerance: float = ROUNDING) -> int:
+    """Check the exits ``[N]`` (int64) adaptive inference took against ``policy``'s offline
+    assignment on ``outputs``, the same samples' cached exit outputs.
+
+    A sample may leave at another exit only where, at the first exit where the two differ, its
+    offline score lies within ``tolerance`` of the threshold: the network's logits differ in their
+    last bits between batch sizes (up to 1e-6 on the demo CNN, batches of 32, 256 and 1000), so a
+    score that close can fall on either side.
+
+    Returns:
+        The number of samples that left at another exit that way.
+
+    Raises:
+        RuntimeError: other samples left at another exit (the message names the first of them).
+    """
+    offline = policy.assign(outputs)
+    exits = exits.to(offline.device)
+    if exits.shape != offline.shape:
+        raise InputError(f"need one exit per sample of the outputs ({offline.shape[0]}), got exits of shape {tuple(exits.shape)}")
+    differ = (exits != offline).nonzero().squeeze(1)
+    if differ.numel() == 0:
+        return 0
+    first = torch.minimum(exits[differ], offline[differ])
+    scores = policy.exit_scores(outputs)[first, differ]
+    thresholds = policy.thresholds.to(scores)[first]
+    far = ((scores - thresholds).abs() > tolerance).nonzero().squeeze(1)
+    if far.numel():
+        i = int(far[0])
+        raise RuntimeError(
+            f"adaptive inference took other exits than the offline simulation for {far.numel()} sample(s) whose scores "
+            f"are not within {tolerance:g} of a threshold: sample {int(differ[i])} left at exit {int(exits[differ[i]]) + 1} "
+            f"instead of {int(offline[differ[i]]) + 1}, its score at exit {int(first[i]) + 1} being {float(scores[i]):.6g} "
+            f"against the threshold {float(thresholds[i]):.6g}. The outputs must come from the same model and inputs"
+        )
+    return int(differ.numel())
 
 
 def _time_record(latency: LatencyModel, exits: torch.Tensor, num_exits: int) -> dict[str, Any]:

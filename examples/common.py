@@ -9,7 +9,7 @@ import torch
 
 from eenet_fast import EarlyExitModel, compare
 from eenet_fast.costs import best_time
-from eenet_fast.evaluate import format_table
+from eenet_fast.evaluate import check_exits, format_table
 
 
 def calibrate_and_run(
@@ -40,14 +40,13 @@ def calibrate_and_run(
     print(format_table([row.record() for row in rows]))
 
     model.calibrate(val_out, budget, "eenet", costs=costs, example=example, progress=False)
-    offline = model.policy.assign(test_out)
     with torch.no_grad():
         results = [model(x) for x, _ in test]
         exits = torch.cat([r.exits for r in results])
         correct = torch.cat([r.predictions.cpu() == y for r, (_, y) in zip(results, test)])
         full_time = best_time(lambda: [full_model(x) for x, _ in test])
         adaptive_time = best_time(lambda: [model(x) for x, _ in test])
-    assert torch.equal(exits.cpu(), offline), "adaptive inference left at other exits than the offline simulation"
+    rounding = check_exits(model.policy, test_out, exits)  # raises unless a score at its threshold
     summary = {
         "accuracy": correct.float().mean().item(),
         "full_accuracy": exit_accuracy[-1],
@@ -58,6 +57,7 @@ def calibrate_and_run(
         f"adaptive inference, eenet at budget {budget}: accuracy {100 * summary['accuracy']:.1f} % "
         f"(full model {100 * summary['full_accuracy']:.1f} %), mean cost {summary['mean_cost']:.2f}, "
         f"{full_time:.2f} s -> {adaptive_time:.2f} s on the test set ({summary['speedup']:.2f}x); "
-        "exits identical to the offline simulation"
+        + ("exits identical to the offline simulation" if not rounding else
+           f"exits as the offline simulation's but for {rounding} sample(s) whose scores lie at a threshold")
     )
     return summary
