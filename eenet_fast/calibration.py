@@ -302,8 +302,8 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
         f"the time-budget policy is {100 * (full - ours):.1f} points less accurate than the full model on validation, "
         f"where the FLOPs say the same budget costs under 1 point: measured time costs per exit "
         f"{[round(c, 3) for c in latency.costs()]} against FLOPs {[round(c, 3) for c in flops]}, timing spread up "
-        f"to {100 * float(latency.spread.max()):.0f} %, {100 * latency.cpu_share:.0f} % of its {latency.threads} "
-        f"thread(s)' CPU time while timing. If the machine was busy, calibrate again when it is quiet; "
+        f"to {100 * float(latency.spread.max()):.0f} %, the timing thread running {100 * latency.cpu_share:.0f} % "
+        f"of the time on {latency.threads} thread(s). If the machine was busy, calibrate again when it is quiet; "
         f"otherwise the early stages are slow for their FLOPs here: raise the budget, or calibrate with costs='flops'",
         stacklevel=3,
     )

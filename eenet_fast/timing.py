@@ -11,8 +11,8 @@ caches as in serving, batch after batch); each forward keeps the smallest time o
 busy machine only adds time), a step is the difference of two such forwards (never negative: a step
 too small to tell from the noise reads 0), and the spread of the rounds is recorded. On one CPU
 thread the clock is the thread's CPU time, which time given to other processes does not enter;
-with more threads, a machine busy with other processes is found by the CPU time the process got
-(:attr:`LatencyModel.cpu_share`) and the ladder is timed again on one thread.
+with more threads, a machine busy with other processes is found by the CPU time the timing thread
+got (:attr:`LatencyModel.cpu_share`) and the ladder is timed again on one thread.
 
 :class:`LatencyModel` holds those times. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
@@ -84,9 +84,9 @@ class LatencyModel:
         correction: a factor on every exit step, from timing whole adaptive forwards against the
             full model (:func:`measure_share`): what the steps timed apart miss.
         threads: the CPU threads torch ran on while timing (one when the machine was busy).
-        cpu_share: the CPU time the process got while timing over ``threads`` times the wall time
-            (1.0 when it had its cores to itself, and off the CPU); below :data:`BUSY_CPU_SHARE`
-            other processes competed for the cores.
+        cpu_share: the CPU time the timing thread got over the wall time while timing (1.0 when
+            the threads had their cores to themselves, and off the CPU); below
+            :data:`BUSY_CPU_SHARE` other work competed for the cores.
     """
 
     batch_sizes: tuple[int, ...]
@@ -263,7 +263,7 @@ def _repeats_for(seconds: float) -> int:
     return max(1, min(256, math.ceil(5e-3 / max(seconds, 1e-9))))
 
 
-BUSY_CPU_SHARE = 0.85  # the process got less of its threads' CPU time than this while timing: others compete
+BUSY_CPU_SHARE = 0.85  # the timing thread ran less than this share of the wall time: other work competes
 
 
 @torch.no_grad()
@@ -294,8 +294,10 @@ def time_exits(
         threads: the CPU threads to time on (default: torch's current setting).
         progress: a progress bar over the rounds.
 
-    When the process gets less than :data:`BUSY_CPU_SHARE` of its threads' CPU time on the CPU
-    (other processes compete for the cores), the ladder is timed again on one thread, with a
+    When the timing thread runs less than :data:`BUSY_CPU_SHARE` of the wall time on the CPU (it
+    always has work: its share of each parallel region and everything between them; measured on
+    the demo CNN with 2 threads on 2 cores: 1.00 quiet, 0.60-0.67 beside a one-thread matrix
+    product, 0.50 beside a two-thread torch process or two spinning ones), the ladder is timed again on one thread, with a
     warning: a parallel region waits for its slowest thread, so a competitor distorts the time
     shares of a multi-threaded model (measured on the demo CNN at batch 256, 2 threads on 2 cores
     beside one busy process: exit 3 took 2.4x the full model), while one thread is timed on its own
@@ -310,8 +312,8 @@ def time_exits(
         latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
     if latency.cpu_share < BUSY_CPU_SHARE and latency.threads > 1:
         warnings.warn(
-            f"the machine is busy: this process got {100 * latency.cpu_share:.0f} % of its {latency.threads} threads' "
-            f"CPU time while timing, so the threads wait on each other; timing again with one thread. The policy will "
+            f"the machine is busy: the timing thread ran {100 * latency.cpu_share:.0f} % of the time (other work "
+            f"competes for the cores), so its {latency.threads} threads wait on each other; timing again with one thread. The policy will "
             f"be fitted to one thread's time shares, where the stages lose a thread and the exits' small operations do "
             f"not: served on {latency.threads} threads it can spend more than the budget. Calibrate on a quiet machine, "
             "or serve with torch.set_num_threads(1)",
@@ -341,7 +343,7 @@ def _time_ladder(
     repeats = {n: 1 for n in sizes}
     order = list(sizes)
     now, threads = clock(device), torch.get_num_threads()
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), time.thread_time()
     for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
         random.Random(r).shuffle(order)
         for n in order:
@@ -355,8 +357,8 @@ def _time_ladder(
                 continue
             for k, seconds in enumerate([*forwards, full, *compactions]):
                 samples[n][k].append(seconds)
-    # the CPU time the process got, of what its threads could have had: 1 when they had their cores
-    cpu_share = (time.process_time() - cpu) / (threads * (time.perf_counter() - wall)) if device.type == "cpu" else 1.0
+    # the share of the wall time this thread ran: 1 when the threads had their cores to themselves
+    cpu_share = (time.thread_time() - cpu) / (time.perf_counter() - wall) if device.type == "cpu" else 1.0
     exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
     full_times = torch.empty(len(sizes), dtype=torch.float64)
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)

@@ -140,13 +140,13 @@ def test_a_busy_machine_is_timed_again_on_one_thread_with_a_warning(monkeypatch)
     def ladder_of(model, example, batch_size, rounds, policy, progress):
         calls.append(torch.get_num_threads())
         times = torch.tensor([[1.0]], dtype=torch.float64)
-        share = 0.5 if len(calls) == 1 else 1.0  # half the CPU time two threads could have had, then all of it
+        share = 0.5 if len(calls) == 1 else 1.0  # the timing thread ran half the time, then all of it
         return LatencyModel((1,), times, torch.ones(1, dtype=torch.float64), torch.zeros(2, 1),
                             threads=torch.get_num_threads(), cpu_share=share)
 
     monkeypatch.setattr(timing, "_time_ladder", ladder_of)
     with torch_threads(2):
-        with pytest.warns(UserWarning, match="the machine is busy: this process got 50 % of its 2 threads'.*timing again with one thread"):
+        with pytest.warns(UserWarning, match="the machine is busy: the timing thread ran 50 % of the time.*timing again with one thread"):
             latency = time_exits(None, None)
         assert calls == [2, 1] and latency.threads == 1 and torch.get_num_threads() == 2
         calls.clear()
