@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -242,8 +243,10 @@ def clock(device: torch.device) -> Callable[[], float]:
     demo CNN on one thread beside a two-thread torch process on 2 cores, the wall clock's rounds
     spread by up to 166 % and put the first exit at batch 32 at 0.74 of the full model in one of two
     ladders, against 0.46-0.50 quiet; the thread's CPU time spread by at most 33 %); otherwise the
-    wall clock (torch's other threads, or the device, do the work)."""
-    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    wall clock (torch's other threads, or the device, do the work), and on Windows, whose thread
+    clock ticks in steps of about 16 ms."""
+    one_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    return time.thread_time if one_cpu_thread and sys.platform != "win32" else time.perf_counter
 
 
 def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float]) -> float:

@@ -1,6 +1,7 @@
 """The time model of a time budget: the ladder, the interpolated steps, the linearised costs, the timing."""
 
 import math
+import sys
 import time
 
 import pytest
@@ -154,6 +155,7 @@ def test_a_busy_machine_is_timed_again_on_one_thread_with_a_warning(monkeypatch)
         assert calls == [1] and latency.threads == 1 and torch.get_num_threads() == 2
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows' thread clock is too coarse: timed on the wall clock there")
 def test_one_cpu_thread_is_timed_on_its_own_cpu_time():
     cpu = torch.device("cpu")
     with torch_threads(1):
