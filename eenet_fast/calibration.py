@@ -18,7 +18,7 @@ from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
-from eenet_fast.timing import LatencyModel, decision_times, measure_share, reach, time_exits
+from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, measure_share, reach, time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -286,7 +286,8 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
     full model (the last exit) on the validation outputs while ``policy`` falls more than 3 points
     below it, the measured times make the later exits look dear: the machine may have been busy
     while timing, or the early stages really are slow (high resolution). The warning gives both
-    costs and the timing spread so the user can tell which."""
+    costs and the timing spread, and says which of the two the timing thread's share of the wall
+    time (:attr:`LatencyModel.cpu_share`) points to."""
     full = float(outputs.correct[-1].double().mean())
     ours = float(outputs.correct.gather(0, policy.assign(outputs)[None]).double().mean())
     if full - ours <= 0.03:
@@ -302,8 +303,10 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
         f"the time-budget policy is {100 * (full - ours):.1f} points less accurate than the full model on validation, "
         f"where the FLOPs say the same budget costs under 1 point: measured time costs per exit "
         f"{[round(c, 3) for c in latency.costs()]} against FLOPs {[round(c, 3) for c in flops]}, timing spread up "
-        f"to {100 * float(latency.spread.max()):.0f} %, the timing thread running {100 * latency.cpu_share:.0f} % "
-        f"of the time on {latency.threads} thread(s). If the machine was busy, calibrate again when it is quiet; "
-        f"otherwise the early stages are slow for their FLOPs here: raise the budget, or calibrate with costs='flops'",
+        f"to {100 * float(latency.spread.max()):.0f} %. "
+        + (f"The machine was busy while timing (the timing thread ran {100 * latency.cpu_share:.0f} % of the time): "
+           "calibrate again when it is quiet" if latency.cpu_share < BUSY_CPU_SHARE else
+           f"The machine was not busy while timing (the timing thread ran {100 * latency.cpu_share:.0f} % of the time): "
+           "the early stages are slow for their FLOPs here; raise the budget, or calibrate with costs='flops'"),
         stacklevel=3,
     )

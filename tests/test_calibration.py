@@ -1,5 +1,6 @@
 """calibrate() and collect(): costs, the policy installed, the surprises a user met."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -107,8 +108,11 @@ def test_a_time_policy_starved_by_dear_measured_costs_is_not_installed_silently(
     policy = make_policy("maxprob").fit(outputs, 1.0)
     latency = LatencyModel((1,), torch.tensor([[0.9], [0.9]], dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.zeros(3, 1))
     monkeypatch.setattr(calibration, "measure_costs", lambda model, spec, example: [0.1, 1.0])
-    with pytest.warns(UserWarning, match=r"points less accurate than the full model.*FLOPs \[0\.1, 1\.0\]"):
+    with pytest.warns(UserWarning, match=r"points less accurate than the full model.*FLOPs \[0\.1, 1\.0\].*was not busy"):
         calibration.warn_if_starved(policy, outputs, latency, None, None)
+    busy = dataclasses.replace(latency, cpu_share=0.5)  # the timing thread ran half the time: the advice differs
+    with pytest.warns(UserWarning, match=r"was busy while timing \(the timing thread ran 50 % .*calibrate again when it is quiet"):
+        calibration.warn_if_starved(policy, outputs, busy, None, None)
     monkeypatch.setattr(calibration, "measure_costs", lambda model, spec, example: [0.9, 2.0])  # FLOPs agree: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
