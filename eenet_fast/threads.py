@@ -12,10 +12,11 @@ __all__ = ["torch_threads"]
 
 
 @contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch on ``count`` CPU threads for the block, then the count it had before."""
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch on ``count`` CPU threads for the block (``None``: as many as it has), then the count it
+    had before."""
     saved = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(saved if count is None else count)
     try:
         yield
     finally:

@@ -311,7 +311,7 @@ def time_exits(
     records the threads it was timed with (``LatencyModel.threads``); :func:`measure_share` uses as
     many, and so should serving.
     """
-    with torch_threads(torch.get_num_threads() if threads is None else threads):
+    with torch_threads(threads):
         latency = _time_ladder(model, example, batch_size, rounds, policy, progress)
     if latency.cpu_share < BUSY_CPU_SHARE and latency.threads > 1:
         warnings.warn(
@@ -454,7 +454,7 @@ def measure_share(
     """
     x = _rows(move_to(example, model.device), batch_size)
     sync = synchronizer(model.device)
-    with _installed(model, policy), torch_threads(torch.get_num_threads() if threads is None else threads):
+    with _installed(model, policy), torch_threads(threads):
         exits, now = model(x).exits, clock(model.device)
         repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync, now))  # the warm-up sets the calls per timing
         fulls, adaptives = [], []
