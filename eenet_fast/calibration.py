@@ -299,14 +299,14 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
         return
     if full - float(outputs.correct.gather(0, easy.assign(outputs)[None]).double().mean()) > 0.01:
         return
+    busy = latency.cpu_share < BUSY_CPU_SHARE
     warnings.warn(
         f"the time-budget policy is {100 * (full - ours):.1f} points less accurate than the full model on validation, "
         f"where the FLOPs say the same budget costs under 1 point: measured time costs per exit "
         f"{[round(c, 3) for c in latency.costs()]} against FLOPs {[round(c, 3) for c in flops]}, timing spread up "
-        f"to {100 * float(latency.spread.max()):.0f} %. "
-        + (f"The machine was busy while timing (the timing thread ran {100 * latency.cpu_share:.0f} % of the time): "
-           "calibrate again when it is quiet" if latency.cpu_share < BUSY_CPU_SHARE else
-           f"The machine was not busy while timing (the timing thread ran {100 * latency.cpu_share:.0f} % of the time): "
-           "the early stages are slow for their FLOPs here; raise the budget, or calibrate with costs='flops'"),
+        f"to {100 * float(latency.spread.max()):.0f} %. The machine was "
+        + ("busy" if busy else "not busy") + f" while timing (the timing thread ran {100 * latency.cpu_share:.0f} % "
+        "of the time): " + ("calibrate again when it is quiet" if busy else
+                            "the early stages are slow for their FLOPs here; raise the budget, or calibrate with costs='flops'"),
         stacklevel=3,
     )
