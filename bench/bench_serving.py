@@ -1,7 +1,8 @@
 """Serving benchmark: the full model and today's per-batch early exit behind a dynamic batcher,
 against the stage-level engine (:class:`eenet_fast.engine.ExitEngine`), under open-loop Poisson load.
 
-Run (one torch thread, about 10 minutes; writes ``bench/results/serving-<model>-<date>.json`` and ``.md``)::
+Run (one torch thread, about 10 minutes; writes ``bench/results/serving-<model>[-flops][-<parts>][-<body>]-<date>``
+``.json`` and ``.md``, ``<parts>`` when not both, ``<body>`` when Ray runs)::
 
     python bench/bench_serving.py --model cnn      # the demo CNN (trains and caches it on first use)
     python bench/bench_serving.py --model resnet   # the ResNet of examples/resnet_fashion_mnist.py
@@ -18,8 +19,10 @@ offered loads given as fractions of the full model's saturation throughput of th
   ``@serve.batch``'s rule (whole requests up to ``--max-batch`` samples, run when full or after
   ``--batch-wait-ms``), and (c) the engine;
 * **ray**: the same three as Ray Serve deployments with one replica each (the baselines
-  under ``@serve.batch``, the engine through :func:`eenet_fast.serving.build_app`), JSON over HTTP
-  on 127.0.0.1 with ``--ray-images`` images per request.
+  under ``@serve.batch``, the engine through :func:`eenet_fast.serving.build_app`), over HTTP on
+  127.0.0.1 with ``--ray-images`` images per request, sent as binary ``.npy`` bodies (``--body
+  npy``, the default) or as JSON (``--body json``: parsing the JSON numbers of a 28x28 image takes
+  longer than the demo CNN's forward, so every system is then bound by parsing).
 
 Every point reports throughput, p50/p99 latency (overall and by exit), mean batch size per stage,
 accuracy, measured cost against the budget, and the answers lost or different from the direct
@@ -246,7 +249,7 @@ def baseline_deployment(mode: str):
             from starlette.responses import JSONResponse
 
             try:
-                x = parse_request(await request.body(), self.dtypes, 16 << 20)
+                x = parse_request(await request.body(), self.dtypes, 16 << 20, request.headers.get("content-type"))
             except BadRequest as error:
                 return JSONResponse({"error": str(error)}, status_code=error.status)
             return JSONResponse(await self.batched(x))
@@ -258,9 +261,11 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
     import ray
     from ray import serve
 
+    from eenet_fast.http_io import encode_inputs
     from eenet_fast.serving import build_app
 
     factory = f"bench_serving:{name}_factory"
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # a busy machine starts the proxy slowly
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(BENCH), str(REPO / "examples")]),
                                        "OMP_NUM_THREADS": "1"}})
@@ -278,7 +283,11 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
                             max_wait_ms=args.max_wait_ms, max_pending=None),  # queue like the baselines do
                   name="engine", route_prefix="/engine")
         n = args.ray_images
-        payloads = [json.dumps({"inputs": pool[j * n : (j + 1) * n].tolist()}).encode() for j in range(min(400, len(pool) // n))]
+        batches = [pool[j * n : (j + 1) * n] for j in range(min(400, len(pool) // n))]
+        if args.body == "npy":
+            payloads, content_type = [encode_inputs(b)[0] for b in batches], encode_inputs(batches[0])[1]
+        else:
+            payloads, content_type = [json.dumps({"inputs": b.tolist()}).encode() for b in batches], "application/json"
         url = f"http://127.0.0.1:{port}"
 
         def stats() -> dict:
@@ -288,7 +297,7 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
 
         def load(system: str, rate: float, count: int = args.max_requests) -> list:
             arrivals = poisson_times(rate, args.seconds, min(count, int(rate * args.seconds) + 1), seed=int(rate))
-            return asyncio.run(run_http(f"{url}/{system}", payloads, n, arrivals, drain_s=60))
+            return asyncio.run(run_http(f"{url}/{system}", payloads, n, arrivals, drain_s=60, content_type=content_type))
 
         probe = summarize(load("full", 1000.0, 3000 // n), labels, *expected["full"], [1.0] * len(costs), 1000.0)
 
@@ -300,7 +309,7 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
             point["mean_batch"] = engine_batches(before, stats()) if system == "engine" else None
             return point
 
-        return {"images_per_request": n, **sweep(run, 3 * probe["throughput_per_s"], args, "ray  ")}
+        return {"images_per_request": n, "body": args.body, **sweep(run, 3 * probe["throughput_per_s"], args, "ray  ")}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -347,6 +356,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the saturation point (median kept)")
     parser.add_argument("--parts", default="alone,ray", help="which sweeps: alone (no Ray), ray, or both")
     parser.add_argument("--ray-images", type=int, default=16, help="images per HTTP request")
+    parser.add_argument("--body", choices=("npy", "json"), default="npy", help="the HTTP requests' body format")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -372,13 +382,16 @@ def main() -> None:
         report["ray"] = sweep_ray(args.model, policy, pool, labels[:8192], expected, model.policy.costs.tolist(), args)
         report["ray"]["verdict"] = verdict(report["ray"])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serving-{args.model}{'-flops' if args.costs == 'flops' else ''}-{datetime.date.today().isoformat()}"
+    parts = "" if sorted(args.parts.split(",")) == ["alone", "ray"] else "-" + args.parts.replace(",", "-")
+    body = f"-{args.body}" if "ray" in args.parts else ""
+    stem = args.out / f"serving-{args.model}{'-flops' if args.costs == 'flops' else ''}{parts}{body}-{datetime.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     unit = "time budget 0.5 at batch " + str(args.max_batch) if args.costs == "latency" else "FLOPs budget 0.5"
     lines = [f"# Serving, {args.model}, EENet at {unit} ({report['date']}, {report['cpus']} CPUs, 1 torch thread)"]
     for part in ("alone", "ray"):
         if part in report:
-            lines += ["", f"## {part}: the full model saturates at {report[part]['full_saturation_per_s']} images/s", "",
+            how = f" ({report[part]['images_per_request']} images per request, {report[part]['body']} bodies)" if part == "ray" else ""
+            lines += ["", f"## {part}{how}: the full model saturates at {report[part]['full_saturation_per_s']} images/s", "",
                       table(report[part]), "", "verdict: " + json.dumps(report[part]["verdict"])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

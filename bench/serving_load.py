@@ -129,8 +129,10 @@ def _finish(record: Record, future: Future) -> None:
     record.done = now
 
 
-async def run_http(url: str, payloads: list[bytes], sizes: int, times: np.ndarray, drain_s: float) -> list[Record]:
-    """POST ``payloads[i % len(payloads)]`` (each ``sizes`` pool rows, in order) at ``times`` to ``url``."""
+async def run_http(url: str, payloads: list[bytes], sizes: int, times: np.ndarray, drain_s: float,
+                   content_type: str = "application/json") -> list[Record]:
+    """POST ``payloads[i % len(payloads)]`` (each ``sizes`` pool rows, in order, of ``content_type``)
+    at ``times`` to ``url``."""
     import aiohttp
 
     records: list[Record] = []
@@ -138,7 +140,7 @@ async def run_http(url: str, payloads: list[bytes], sizes: int, times: np.ndarra
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=drain_s + 60)) as session:
         async def one(record: Record, payload: bytes) -> None:
             try:
-                async with session.post(url, data=payload, headers={"content-type": "application/json"}) as response:
+                async with session.post(url, data=payload, headers={"content-type": content_type}) as response:
                     body = await response.json()
                     if response.status != 200:
                         record.error = f"{response.status}: {body}"

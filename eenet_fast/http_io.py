@@ -1,23 +1,37 @@
-"""JSON requests and answers of the HTTP server (:mod:`eenet_fast.serving`), without Ray.
+"""Requests and answers of the HTTP server (:mod:`eenet_fast.serving`), without Ray.
 
-A request is a JSON object ``{"inputs": X}`` where ``X`` is the batch, first dimension the batch:
-nested lists of numbers for a tensor input, or an object of them for a dict input (a tokenizer's
-``input_ids``, ``attention_mask``, ...). Numbers become the dtype of the server's example input
-(float32 and int64 without one); an answer is ``{"predictions": [B], "exits": [B], "logits":
-[B, C], "nonfinite": [B]}``. A bad request raises :class:`BadRequest` with its HTTP status.
+A request body is either
+
+* JSON (``Content-Type: application/json``, the default): an object ``{"inputs": X}`` where ``X``
+  is the batch, first dimension the batch: nested lists of numbers for a tensor input, or an object
+  of them for a dict input (a tokenizer's ``input_ids``, ``attention_mask``, ...); or
+* binary NumPy (``Content-Type: application/x-npy``): the batch as one ``.npy`` array, or for a
+  dict input an ``.npz`` archive with one array per key (``application/x-npz``); :func:`encode_inputs`
+  writes both. Parsing JSON numbers costs about 20 us per kilobyte of numbers (0.33 ms per 28x28
+  image on this project's CPU, more than the demo CNN's forward); a binary body costs microseconds.
+  Pickled (object) arrays are refused.
+
+Numbers become the dtype of the server's example input (float32 and int64 without one); an answer
+is JSON ``{"predictions": [B], "exits": [B], "logits": [B, C], "nonfinite": [B]}``. A bad request
+raises :class:`BadRequest` with its HTTP status.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from eenet_fast.runtime import ExitResult
 
-__all__ = ["BadRequest", "parse_request", "answer_json", "input_dtypes"]
+__all__ = ["BadRequest", "parse_request", "answer_json", "input_dtypes", "encode_inputs", "NPY", "NPZ"]
+
+NPY, NPZ = "application/x-npy", "application/x-npz"  # the binary bodies' content types
 
 
 class BadRequest(ValueError):
@@ -39,20 +53,26 @@ def input_dtypes(example: Any) -> Any:
     raise TypeError(f"the server's example input must be a tensor or a dict of tensors, got {type(example).__name__}")
 
 
-def parse_request(body: bytes, dtypes: Any, max_bytes: int) -> Any:
-    """The input batch of a JSON request body.
+def parse_request(body: bytes, dtypes: Any, max_bytes: int, content_type: str | None = None) -> Any:
+    """The input batch of a request body.
 
     Args:
         body: the raw request body.
         dtypes: what :func:`input_dtypes` gave for the server's example (``None``: infer).
         max_bytes: the largest body accepted.
+        content_type: the request's ``Content-Type`` header: :data:`NPY` or :data:`NPZ` for a binary
+            body, anything else (or ``None``) for JSON.
 
     Raises:
-        BadRequest: 413 for a body over ``max_bytes``, 400 for malformed JSON, 422 for inputs that
-            are missing, ragged, of the wrong kind of number, not finite, or not a batch.
+        BadRequest: 413 for a body over ``max_bytes``, 400 for malformed JSON or NumPy, 422 for
+            inputs that are missing, ragged, pickled, of the wrong kind of number, not finite, or not
+            a batch.
     """
     if len(body) > max_bytes:
         raise BadRequest(413, f"the request body has {len(body)} bytes, more than the {max_bytes} this server accepts")
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in (NPY, NPZ):
+        return _parse_numpy(body, dtypes, media)
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -72,14 +92,56 @@ def parse_request(body: bytes, dtypes: Any, max_bytes: int) -> Any:
     return _tensor(inputs, dtypes, "inputs")
 
 
-def _tensor(value: Any, dtype: torch.dtype | None, name: str) -> torch.Tensor:
-    if not isinstance(value, list):
-        raise BadRequest(422, f"{name} must be an array with the batch first, got {type(value).__name__}")
+def _parse_numpy(body: bytes, dtypes: Any, media: str) -> Any:
+    """The input batch of an ``.npy`` (one array) or ``.npz`` (one array per input key) body."""
     try:
-        tensor = torch.tensor(value)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise BadRequest(422, f"{name} is not a rectangular array of numbers ({error})") from None
-    if tensor.ndim == 0 or tensor.dtype not in (torch.float32, torch.int64, torch.bool):
+        loaded = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise BadRequest(422, "the body holds a pickled (object) array; send arrays of numbers") from None
+        raise BadRequest(400, f"the request body is not a valid {media} body ({error}); write it with "
+                              "eenet_fast.http_io.encode_inputs or numpy.save/savez") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise BadRequest(400, f"the request body is not a valid {media} body ({error})") from None
+    if isinstance(loaded, np.ndarray) != (media == NPY):
+        raise BadRequest(400, f"the body is {'an .npy array' if isinstance(loaded, np.ndarray) else 'an .npz archive'}"
+                              f" but its Content-Type says {media}; send {NPY} for one array, {NPZ} for an archive")
+    if isinstance(loaded, np.ndarray):
+        if isinstance(dtypes, dict):
+            raise BadRequest(422, f"this server takes an object of arrays as inputs, with keys {sorted(dtypes)}; "
+                                  f"send them as an {NPZ} archive")
+        return _tensor(loaded, dtypes, "inputs")
+    with loaded:
+        if isinstance(dtypes, torch.dtype):
+            raise BadRequest(422, f"this server takes one array as inputs, not an archive; send it as {NPY}")
+        wanted = dtypes or {}
+        if dtypes is not None and set(loaded.files) - set(wanted):
+            raise BadRequest(422, f"unknown input keys {sorted(set(loaded.files) - set(wanted))}; this server takes {sorted(wanted)}")
+        try:
+            arrays = {key: loaded[key] for key in loaded.files}
+        except ValueError as error:
+            raise BadRequest(422, f"the archive holds a pickled (object) array or a broken one ({error})") from None
+    return {key: _tensor(value, wanted.get(key), f"inputs[{key!r}]") for key, value in arrays.items()}
+
+
+def _tensor(value: Any, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """``value`` (nested lists from JSON, or a NumPy array) checked and cast to ``dtype``."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf" or value.dtype.kind == "u" and value.dtype != np.uint8:
+            raise BadRequest(422, f"{name} must be an array of numbers (bool, int, uint8 or float), got {value.dtype}")
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        tensor = torch.from_numpy(np.require(value, requirements=["C", "W"]))  # torch wants it writable
+    elif isinstance(value, list):
+        try:
+            tensor = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise BadRequest(422, f"{name} is not a rectangular array of numbers ({error})") from None
+        if tensor.dtype not in (torch.float32, torch.int64, torch.bool):
+            raise BadRequest(422, f"{name} must be an array of numbers with the batch first")
+    else:
+        raise BadRequest(422, f"{name} must be an array with the batch first, got {type(value).__name__}")
+    if tensor.ndim == 0:
         raise BadRequest(422, f"{name} must be an array of numbers with the batch first")
     if dtype is not None:
         if not dtype.is_floating_point and tensor.is_floating_point():
@@ -88,6 +150,17 @@ def _tensor(value: Any, dtype: torch.dtype | None, name: str) -> torch.Tensor:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise BadRequest(422, f"{name} holds NaN or Infinity; send finite numbers")
     return tensor
+
+
+def encode_inputs(x: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[bytes, str]:
+    """A binary request body for the batch ``x`` and its content type: a tensor as :data:`NPY`,
+    a dict of tensors as :data:`NPZ` (uncompressed). Tensors are copied to the host."""
+    buffer = io.BytesIO()
+    if isinstance(x, torch.Tensor):
+        np.save(buffer, x.detach().cpu().numpy(), allow_pickle=False)
+        return buffer.getvalue(), NPY
+    np.savez(buffer, **{key: value.detach().cpu().numpy() for key, value in x.items()})
+    return buffer.getvalue(), NPZ
 
 
 def answer_json(result: ExitResult) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Serve an early-exit model with Ray Serve (``pip install 'eenet-fast[serve]'``).
 
 Each replica builds the model from a factory, installs a saved policy and runs one
-:class:`~eenet_fast.engine.ExitEngine`. It answers HTTP (JSON, see :mod:`eenet_fast.http_io`) and
+:class:`~eenet_fast.engine.ExitEngine`. It answers HTTP (JSON or NumPy bodies, see :mod:`eenet_fast.http_io`) and
 deployment handles::
 
     from ray import serve
@@ -137,7 +137,8 @@ class EarlyExitServer:
         return result
 
     async def __call__(self, request: Any) -> Any:
-        """HTTP: ``POST`` a JSON batch; ``GET .../health``; ``GET .../stats``."""
+        """HTTP: ``POST`` a batch (JSON, or ``.npy``/``.npz``: :mod:`eenet_fast.http_io`); ``GET .../health``;
+        ``GET .../stats``."""
         from starlette.responses import JSONResponse
 
         if request.method == "GET" and request.url.path.rstrip("/").endswith("/health"):
@@ -146,9 +147,10 @@ class EarlyExitServer:
         if request.method == "GET" and request.url.path.rstrip("/").endswith("/stats"):
             return JSONResponse(self.engine.snapshot())
         if request.method != "POST":
-            return JSONResponse({"error": "POST a JSON batch {\"inputs\": ...}; GET /health or /stats"}, status_code=405)
+            return JSONResponse({"error": "POST a batch (JSON {\"inputs\": ...} or an application/x-npy body); GET /health or /stats"}, status_code=405)
         try:
-            x = parse_request(await self._body(request), self.dtypes, self.max_body_bytes)
+            x = parse_request(await self._body(request), self.dtypes, self.max_body_bytes,
+                              request.headers.get("content-type"))
             future = self.engine.submit(x)
         except BadRequest as error:
             return self._refuse(error.status, str(error))

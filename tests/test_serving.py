@@ -61,6 +61,9 @@ def served(tmp_path_factory):
     policy = tmp_path_factory.mktemp("serve") / "exits.safetensors"
     model.save_policy(policy)
     tests = str(Path(__file__).parent)
+    # Ray's processes inherit this: on a busy machine the HTTP proxy can take more than the default 5 s
+    # to answer its readiness check, and Serve then kills it (seen beside two CPU-bound processes)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}})
     try:
@@ -74,11 +77,21 @@ def served(tmp_path_factory):
         ray.shutdown()
 
 
-def post(url, body, timeout=60):
+def post(url, body, timeout=60, content_type="application/json"):
     import requests
 
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=timeout)
+    return requests.post(url, data=data, headers={"content-type": content_type}, timeout=timeout)
+
+
+def post_either(url, x, i):
+    """Every other request as a binary .npy body, the rest as JSON."""
+    from eenet_fast.http_io import encode_inputs
+
+    if i % 2 == 0:
+        return post(url, {"inputs": x.tolist()})
+    body, content_type = encode_inputs(x)
+    return post(url, body, content_type=content_type)
 
 
 def test_300_concurrent_requests_get_the_direct_answers(served):
@@ -88,7 +101,7 @@ def test_300_concurrent_requests_get_the_direct_answers(served):
     g = torch.Generator().manual_seed(0)
     requests_ = [torch.randn(int(n), D, generator=g) for n in torch.randint(1, 9, (300,), generator=g)]
     with ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda x: post(url, {"inputs": x.tolist()}), requests_))
+        responses = list(pool.map(lambda ix: post_either(url, ix[1], ix[0]), enumerate(requests_)))
     handle = serve.get_app_handle("fast")
     by_handle = [handle.infer.remote(x) for x in requests_[:20]]
     for x, response in zip(requests_, responses):
@@ -110,6 +123,8 @@ def test_300_concurrent_requests_get_the_direct_answers(served):
 
 
 def test_bad_requests_get_a_4xx_and_do_not_disturb_the_others(served):
+    from eenet_fast.http_io import NPY, encode_inputs
+
     model, url = served["model"], served["url"] + "/fast"
     g = torch.Generator().manual_seed(1)
     good = [torch.randn(3, D, generator=g) for _ in range(40)]
@@ -124,10 +139,14 @@ def test_bad_requests_get_a_4xx_and_do_not_disturb_the_others(served):
         (json.dumps({"inputs": nan}), 422, "NaN or Infinity"),
         ('{"inputs": [[1.0, 2.0', 400, "not valid JSON"),
         ({"inputs": torch.randn(400, D).tolist()}, 413, "more than the 65536"),
+        (b"\x93NUMPY garbage", 400, "not a valid application/x-npy body"),
+        (encode_inputs(torch.randn(2, D + 1))[0], 422, "but this engine serves float32"),
     ]
+    binary = [isinstance(body, bytes) for body, _, _ in bad]
     with ThreadPoolExecutor(16) as pool:
-        good_futures = [pool.submit(post, url, {"inputs": x.tolist()}) for x in good]
-        bad_futures = [pool.submit(post, url, body) for body, _, _ in bad]
+        good_futures = [pool.submit(post_either, url, x, i) for i, x in enumerate(good)]
+        bad_futures = [pool.submit(post, url, body, content_type=NPY if b else "application/json")
+                       for (body, _, _), b in zip(bad, binary)]
         for x, f in zip(good, good_futures):
             response = f.result()
             assert response.status_code == 200, response.text
