@@ -316,15 +316,24 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------- the report
-def verdict(part: dict[str, Any]) -> dict[str, Any]:
-    """The issue's bars on one sweep: saturation ratios, first-exit p50 at 0.8 load, never below full."""
+def verdict(part: dict[str, Any], unit: str = "latency") -> dict[str, Any]:
+    """The issue's bars on one sweep: saturation ratios, first-exit p50 at 0.8 load, never below full;
+    and the engine's limit (``limit_over_full``: every stage at full batches, no overhead, so the full
+    model's throughput over the policy's time share; ``None`` for a FLOPs budget, whose share is not
+    one of time) beside what ">= 1.3x per-batch" needs."""
     at = {(p["system"], p["load"]): p for p in part["points"]}
     sat = {s: at[(s, "saturation")]["throughput_per_s"] for s in SYSTEMS}
     first, full_p50 = at[("engine", 0.8)]["p50_ms_by_exit"][0], at[("full", 0.8)]["p50_ms"]
     loads = ["saturation", *FRACTIONS]
+    share = at[("engine", "saturation")]["avg_cost"]  # the policy's time share at --max-batch
     return {
         "engine_over_full_at_saturation": round(sat["engine"] / sat["full"], 3),
         "engine_over_per_batch_at_saturation": round(sat["engine"] / sat["per_batch"], 3),
+        "per_batch_over_full_at_saturation": round(sat["per_batch"] / sat["full"], 3),
+        # every stage at full batches with no overhead: full / share; the issue's ">= 1.3x per-batch" needs
+        # 1.3 x per_batch_over_full, above this limit when per-batch early exit is already near it
+        "limit_over_full": round(1 / share, 3) if unit == "latency" else None,
+        "needed_for_1.3x_per_batch_over_full": round(1.3 * sat["per_batch"] / sat["full"], 3),
         "first_exit_p50_over_full_p50_at_0.8": round(first / full_p50, 3) if first and full_p50 else None,
         "loads_where_engine_is_2pct_below_full": [
             f for f in loads if at[("engine", f)]["throughput_per_s"] < 0.98 * at[("full", f)]["throughput_per_s"]],
@@ -377,10 +386,10 @@ def main() -> None:
     }
     if "alone" in args.parts:
         report["alone"] = sweep_alone(model, pool, labels[:8192], expected, args)
-        report["alone"]["verdict"] = verdict(report["alone"])
+        report["alone"]["verdict"] = verdict(report["alone"], args.costs)
     if "ray" in args.parts:
         report["ray"] = sweep_ray(args.model, policy, pool, labels[:8192], expected, model.policy.costs.tolist(), args)
-        report["ray"]["verdict"] = verdict(report["ray"])
+        report["ray"]["verdict"] = verdict(report["ray"], args.costs)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = "" if sorted(args.parts.split(",")) == ["alone", "ray"] else "-" + args.parts.replace(",", "-")
     body = f"-{args.body}" if "ray" in args.parts else ""
