@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -72,7 +73,7 @@ def parse_request(body: bytes, dtypes: Any, max_bytes: int, content_type: str | 
         raise BadRequest(413, f"the request body has {len(body)} bytes, more than the {max_bytes} this server accepts")
     media = (content_type or "").split(";")[0].strip().lower()
     if media in (NPY, NPZ):
-        return _parse_numpy(body, dtypes, media)
+        return _parse_numpy(body, dtypes, media, max_bytes)
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -92,36 +93,55 @@ def parse_request(body: bytes, dtypes: Any, max_bytes: int, content_type: str | 
     return _tensor(inputs, dtypes, "inputs")
 
 
-def _parse_numpy(body: bytes, dtypes: Any, media: str) -> Any:
+def _parse_numpy(body: bytes, dtypes: Any, media: str, max_bytes: int) -> Any:
     """The input batch of an ``.npy`` (one array) or ``.npz`` (one array per input key) body."""
-    try:
-        loaded = np.load(io.BytesIO(body), allow_pickle=False)
-    except ValueError as error:
-        if "allow_pickle" in str(error):
-            raise BadRequest(422, "the body holds a pickled (object) array; send arrays of numbers") from None
-        raise BadRequest(400, f"the request body is not a valid {media} body ({error}); write it with "
-                              "eenet_fast.http_io.encode_inputs or numpy.save/savez") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise BadRequest(400, f"the request body is not a valid {media} body ({error})") from None
-    if isinstance(loaded, np.ndarray) != (media == NPY):
-        raise BadRequest(400, f"the body is {'an .npy array' if isinstance(loaded, np.ndarray) else 'an .npz archive'}"
-                              f" but its Content-Type says {media}; send {NPY} for one array, {NPZ} for an archive")
-    if isinstance(loaded, np.ndarray):
+    archive = body[:4] == b"PK\x03\x04"
+    if archive != (media == NPZ):
+        raise BadRequest(400, f"the body is {'an .npz archive' if archive else 'not an .npz archive'} but its "
+                              f"Content-Type says {media}; send {NPY} for one array, {NPZ} for an archive of them")
+    if not archive:
         if isinstance(dtypes, dict):
             raise BadRequest(422, f"this server takes an object of arrays as inputs, with keys {sorted(dtypes)}; "
                                   f"send them as an {NPZ} archive")
-        return _tensor(loaded, dtypes, "inputs")
-    with loaded:
-        if isinstance(dtypes, torch.dtype):
-            raise BadRequest(422, f"this server takes one array as inputs, not an archive; send it as {NPY}")
-        wanted = dtypes or {}
-        if dtypes is not None and set(loaded.files) - set(wanted):
-            raise BadRequest(422, f"unknown input keys {sorted(set(loaded.files) - set(wanted))}; this server takes {sorted(wanted)}")
-        try:
-            arrays = {key: loaded[key] for key in loaded.files}
-        except ValueError as error:
-            raise BadRequest(422, f"the archive holds a pickled (object) array or a broken one ({error})") from None
+        return _tensor(_read_npy(body, "the request body"), dtypes, "inputs")
+    if isinstance(dtypes, torch.dtype):
+        raise BadRequest(422, f"this server takes one array as inputs, not an archive; send it as {NPY}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive_file:
+            members = archive_file.infolist()
+            size = sum(m.file_size for m in members)
+            if size > max_bytes:  # a small compressed body can unpack to gigabytes
+                raise BadRequest(413, f"the archive unpacks to {size} bytes, more than the {max_bytes} this server accepts")
+            if not all(m.filename.endswith(".npy") for m in members):
+                raise BadRequest(400, "an .npz archive holds only .npy members (one per input key)")
+            arrays = {m.filename[:-4]: _read_npy(archive_file.read(m), f"member {m.filename!r}") for m in members}
+    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError) as error:
+        raise BadRequest(400, f"the request body is not a valid {NPZ} archive ({error})") from None
+    wanted = dtypes or {}
+    if dtypes is not None and set(arrays) - set(wanted):
+        raise BadRequest(422, f"unknown input keys {sorted(set(arrays) - set(wanted))}; this server takes {sorted(wanted)}")
     return {key: _tensor(value, wanted.get(key), f"inputs[{key!r}]") for key, value in arrays.items()}
+
+
+def _read_npy(data: bytes, what: str) -> np.ndarray:
+    """One ``.npy`` file, its header checked first: numpy allocates the array the header declares
+    before reading it, so a forged shape must not get that far."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"version {version[0]}.{version[1]}, where 1.0 and 2.0 are read")
+        shape, _, dtype = read_header(stream)
+    except (ValueError, EOFError) as error:
+        raise BadRequest(400, f"{what} is not a valid .npy file ({error}); write it with "
+                              "eenet_fast.http_io.encode_inputs or numpy.save") from None
+    if dtype.hasobject:
+        raise BadRequest(422, f"{what} holds a pickled (object) array; send arrays of numbers")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != len(data) - stream.tell():
+        raise BadRequest(400, f"{what} declares {shape} {dtype} ({declared} bytes) but carries {len(data) - stream.tell()} bytes")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _tensor(value: Any, dtype: torch.dtype | None, name: str) -> torch.Tensor:

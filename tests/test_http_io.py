@@ -4,6 +4,7 @@ ones, and every malformed, pickled or mistyped body is refused with its status a
 import io
 import json
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -27,6 +28,21 @@ def refused(body, status, message, dtypes=torch.float32, content_type=NPY, limit
 def npy(array):
     buffer = io.BytesIO()
     np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def forged_npy(shape):
+    """An .npy header declaring ``shape`` float32, followed by 16 bytes of data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(16)
+
+
+def zipped(members, compression=zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
     return buffer.getvalue()
 
 
@@ -67,28 +83,38 @@ def test_a_dict_input_travels_as_an_npz_archive():
 @pytest.mark.parametrize(
     "body, content_type, status, message",
     [
-        (b"\x93NUMPY garbage", NPY, 400, "not a valid application/x-npy body"),
-        (b"", NPY, 400, "not a valid application/x-npy body"),
+        (b"\x93NUMPY garbage", NPY, 400, "not a valid .npy file"),
+        (b"", NPY, 400, "not a valid .npy file"),
         (npy(np.array([{"a": 1}], dtype=object)), NPY, 422, "pickled"),
-        (pickle.dumps(np.zeros(3)), NPY, 422, "pickled"),  # a pickle is not an .npy file
+        (pickle.dumps(np.zeros(3)), NPY, 400, "not a valid .npy file .*magic string"),
+        (forged_npy((1 << 40, 784)), NPY, 400, "declares \\(1099511627776, 784\\) float32 .* but carries 16 bytes"),
+        (npy(np.zeros((3, 2)))[:-8], NPY, 400, "declares \\(3, 2\\) float64 \\(48 bytes\\) but carries 40"),
         (npy(np.array(["a", "b"])), NPY, 422, "array of numbers .* got <U1"),
         (npy(np.zeros((2, 3), dtype=np.uint16)), NPY, 422, "got uint16"),
         (npy(np.ones((2, 2), dtype=np.complex64)), NPY, 422, "got complex64"),
         (npy(np.float32(3.0)), NPY, 422, "batch first"),
         (npy(np.array([[1.0, np.nan]], dtype=np.float32)), NPY, 422, "NaN or Infinity"),
-        (npy(np.zeros((2, 2))), NPZ, 400, "is an .npy array but its Content-Type says application/x-npz"),
+        (npy(np.zeros((2, 2))), NPZ, 400, "is not an .npz archive but its Content-Type says application/x-npz"),
         (encode_inputs({"x": torch.zeros(1)})[0], NPY, 400, "is an .npz archive but its Content-Type says"),
+        (zipped({"x.txt": b"hello"}), NPZ, 400, "only .npy members"),
+        (zipped({"x.npy": forged_npy((1 << 40,))}), NPZ, 400, "member 'x.npy' declares"),
+        (b"PK\x03\x04 not really a zip", NPZ, 400, "not a valid application/x-npz archive"),
     ],
-    ids=["garbage", "empty", "object", "pickle", "strings", "uint16", "complex", "scalar", "nan", "npy-as-npz",
-         "npz-as-npy"],
+    ids=["garbage", "empty", "object", "pickle", "forged-shape", "truncated", "strings", "uint16", "complex", "scalar",
+         "nan", "npy-as-npz", "npz-as-npy", "npz-text", "npz-forged", "npz-garbage"],
 )
 def test_a_bad_binary_body_is_refused_with_the_reason(body, content_type, status, message):
-    refused(body, status, message, content_type=content_type)
+    dtypes = None if content_type == NPZ else torch.float32  # a server of dict inputs reads archives
+    refused(body, status, message, dtypes=dtypes, content_type=content_type)
 
 
 def test_an_oversized_body_is_refused_before_it_is_parsed():
     body, content_type = encode_inputs(torch.zeros(64, 64))
     refused(body, 413, f"has {len(body)} bytes, more than the 1000", content_type=content_type, limit=1000)
+    bomb = zipped({"x.npy": npy(np.zeros((1000, 1000), dtype=np.float32))}, zipfile.ZIP_DEFLATED)  # 4 MB in ~4 kB
+    assert len(bomb) < 10_000
+    refused(bomb, 413, "the archive unpacks to 4000128 bytes, more than the 100000", dtypes={"x": torch.float32},
+            content_type=NPZ, limit=100_000)
 
 
 def test_without_a_binary_content_type_the_body_is_read_as_json():

@@ -139,7 +139,7 @@ def test_bad_requests_get_a_4xx_and_do_not_disturb_the_others(served):
         (json.dumps({"inputs": nan}), 422, "NaN or Infinity"),
         ('{"inputs": [[1.0, 2.0', 400, "not valid JSON"),
         ({"inputs": torch.randn(400, D).tolist()}, 413, "more than the 65536"),
-        (b"\x93NUMPY garbage", 400, "not a valid application/x-npy body"),
+        (b"\x93NUMPY garbage", 400, "not a valid .npy file"),
         (encode_inputs(torch.randn(2, D + 1))[0], 422, "but this engine serves float32"),
     ]
     binary = [isinstance(body, bytes) for body, _, _ in bad]
