@@ -22,6 +22,7 @@ import io
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,7 +116,7 @@ def _parse_numpy(body: bytes, dtypes: Any, media: str, max_bytes: int) -> Any:
             if not all(m.filename.endswith(".npy") for m in members):
                 raise BadRequest(400, "an .npz archive holds only .npy members (one per input key)")
             arrays = {m.filename[:-4]: _read_npy(archive_file.read(m), f"member {m.filename!r}") for m in members}
-    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
         raise BadRequest(400, f"the request body is not a valid {NPZ} archive ({error})") from None
     wanted = dtypes or {}
     if dtypes is not None and set(arrays) - set(wanted):

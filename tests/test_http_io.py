@@ -38,6 +38,12 @@ def forged_npy(shape):
     return buffer.getvalue() + bytes(16)
 
 
+def corrupted(archive):
+    """``archive`` with bytes in the middle of its compressed data overwritten."""
+    middle = len(archive) // 3
+    return archive[:middle] + bytes(range(64)) + archive[middle + 64 :]
+
+
 def zipped(members, compression=zipfile.ZIP_STORED):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as archive:
@@ -99,9 +105,11 @@ def test_a_dict_input_travels_as_an_npz_archive():
         (zipped({"x.txt": b"hello"}), NPZ, 400, "only .npy members"),
         (zipped({"x.npy": forged_npy((1 << 40,))}), NPZ, 400, "member 'x.npy' declares"),
         (b"PK\x03\x04 not really a zip", NPZ, 400, "not a valid application/x-npz archive"),
+        (corrupted(zipped({"x.npy": npy(np.arange(2000.0))}, zipfile.ZIP_DEFLATED)), NPZ, 400,
+         "not a valid application/x-npz archive"),
     ],
     ids=["garbage", "empty", "object", "pickle", "forged-shape", "truncated", "strings", "uint16", "complex", "scalar",
-         "nan", "npy-as-npz", "npz-as-npy", "npz-text", "npz-forged", "npz-garbage"],
+         "nan", "npy-as-npz", "npz-as-npy", "npz-text", "npz-forged", "npz-garbage", "npz-corrupted"],
 )
 def test_a_bad_binary_body_is_refused_with_the_reason(body, content_type, status, message):
     dtypes = None if content_type == NPZ else torch.float32  # a server of dict inputs reads archives
