@@ -160,5 +160,16 @@ def test_certified_budget_on_a_few_splits():
     print("\n" + table(summary))
 
 
+def test_the_hindsight_cut_is_the_smallest_that_covers():
+    """Coverage counted per cut over the splits; the first cut reaching the level is reported."""
+    costs = [(0.52, 0.50, 0.49), (0.51, 0.505, 0.48), (0.49, 0.48, 0.47), (0.50, 0.49, 0.48)]  # 3 of CUTS per split
+    rows = [Split("p", 0.5, 0.8, 0.5, 0.8, 0.5, 0.8, c + (0.4,) * (len(CUTS) - 3), (0.79, 0.78, 0.77) + (0.7,) * (len(CUTS) - 3))
+            for c in costs]
+    found = hindsight_cut(rows, 0.5, 0.75)  # cut 0 covers 2 of 4 splits, cut 1 covers 3
+    assert found["hindsight cut %"] == 100 * CUTS[1] and math.isclose(found["its accuracy given up (pt)"], 2.0)
+    assert hindsight_cut(rows, 0.5, 1.0)["hindsight cut %"] == 100 * CUTS[2]
+    assert hindsight_cut([Split("p", 0.5, 0.8, 0.5, 0.8, 0.5, 0.8)], 0.5, 0.95) == {}
+
+
 if __name__ == "__main__":
     sys.exit(main())
