@@ -261,7 +261,7 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
     import ray
     from ray import serve
 
-    from eenet_fast.http_io import encode_inputs
+    from eenet_fast.http_io import NPY, encode_inputs
     from eenet_fast.serving import build_app
 
     factory = f"bench_serving:{name}_factory"
@@ -285,7 +285,7 @@ def sweep_ray(name, policy, pool, labels, expected, costs, args) -> dict[str, An
         n = args.ray_images
         batches = [pool[j * n : (j + 1) * n] for j in range(min(400, len(pool) // n))]
         if args.body == "npy":
-            payloads, content_type = [encode_inputs(b)[0] for b in batches], encode_inputs(batches[0])[1]
+            payloads, content_type = [encode_inputs(b)[0] for b in batches], NPY
         else:
             payloads, content_type = [json.dumps({"inputs": b.tolist()}).encode() for b in batches], "application/json"
         url = f"http://127.0.0.1:{port}"
