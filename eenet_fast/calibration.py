@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Callable
@@ -167,10 +168,11 @@ def _fit_for_time(
     the machine was busy). The next fits price around the last policy's
     reach on ``outputs``; while the model predicts more time than the budget there, the target is
     lowered in proportion (at most three fits). Where the fixed parts of the later stages leave no
-    room at the margin, the stages are priced at their average. Last, whole adaptive forwards with
-    the policy are timed against the full model on the example batch; when their time share differs
-    from the predicted one by more than 2 %, every step is scaled by the ratio and the policy fitted
-    once more. After each of the last two fits the exit mix is chosen on the time model itself
+    room at the margin, the stages are priced at their average. Last, whole adaptive forwards are
+    timed against the full model on the example batch, with the policy and with every sample
+    leaving at the first exit (:func:`_corrections`); when the factors that make the model predict
+    both shares differ from 1 by more than 2 %, the first exit's step and the later ones are scaled
+    by them and the policy fitted once more. After each of the last two fits the exit mix is chosen on the time model itself
     (:func:`_most_accurate_in_time`; not for a ``certified`` policy, whose thresholds are the
     certified ones). The policy keeps the model as ``policy.latency``."""
     latency = time_exits(model, example, batch_size, progress=progress)
@@ -205,10 +207,9 @@ def _fit_for_time(
     if not certified:
         shares = _most_accurate_in_time(fitted, outputs, latency, value)
     # whole adaptive forwards against the full model on the example: what the steps timed apart miss
-    share, example_reach = measure_share(model, fitted, example, latency.batch_size, threads=latency.threads)
-    factor = min(max(share / latency.predicted_fraction(example_reach) * latency.correction, 0.5), 2.0)
-    if abs(factor / latency.correction - 1) > 0.02:
-        latency = latency.corrected(factor)
+    first, rest = _corrections(model, fitted, example, latency)
+    if abs(first / latency.first_factor - 1) > 0.02 or abs(rest / latency.correction - 1) > 0.02:
+        latency = latency.corrected(rest, first)
         check_time_budget(value, latency)
         fitted = fit_at(shares, value)
         if not certified:
@@ -216,6 +217,29 @@ def _fit_for_time(
     fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted
+
+
+MIN_LATER_REACH = 0.05  # below this share of samples beyond the first exit, one factor for every step
+
+
+def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: LatencyModel) -> tuple[float, float]:
+    """The factors on the first exit's step and on the later ones (each within [0.5, 2]) that make
+    ``latency`` predict two measured time shares on the example batch (:func:`measure_share`):
+    forwards in which every sample leaves at the first exit, and forwards with ``policy``. When
+    fewer than :data:`MIN_LATER_REACH` of the samples run on, both factors are the second share's."""
+    bound = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
+    plain = latency.corrected(1.0)
+    share, example_reach = measure_share(model, policy, example, latency.batch_size, threads=latency.threads)
+    predicted = plain.predicted_fraction(example_reach)
+    if example_reach[1] < MIN_LATER_REACH:
+        return bound(share / predicted), bound(share / predicted)
+    first_only = copy.deepcopy(policy)
+    first_only.thresholds = torch.full_like(policy.thresholds, -math.inf)  # every sample leaves at exit 1
+    first_share, _ = measure_share(model, first_only, example, latency.batch_size, threads=latency.threads)
+    first_predicted = plain.predicted_fraction([1.0])
+    first = bound(first_share / first_predicted)
+    later = predicted - first_predicted
+    return first, bound((share - first * first_predicted) / later) if later > 0 else first
 
 
 TIME_TILTS = tuple(0.25 * j for j in range(-32, 33))  # log_s from -8 to 8: towards earlier or later exits

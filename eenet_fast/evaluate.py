@@ -33,7 +33,8 @@ class Evaluation:
         guarantee: the policy's certified budget (:meth:`BudgetGuarantee.record`), ``None`` without one.
         time: for a time budget (``policy.latency``): the serving ``batch_size``, the
             ``predicted_time_share`` of the full model's time for these exits at that batch size,
-            the ``smallest_budget`` feasible there and the model's end-to-end ``correction``;
+            the ``smallest_budget`` feasible there, and the model's end-to-end ``correction`` of the
+            later exits' steps and ``first_correction`` of the first exit's;
             ``None`` otherwise.
     """
 
@@ -128,6 +129,7 @@ def _time_record(latency: LatencyModel, exits: torch.Tensor, num_exits: int) -> 
         "predicted_time_share": latency.predicted_fraction(reach(exits, num_exits)),
         "smallest_budget": latency.smallest_budgets()[latency.batch_size],
         "correction": latency.correction,
+        "first_correction": latency.first_factor,
     }
 
 

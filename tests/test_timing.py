@@ -75,6 +75,45 @@ def test_a_correction_scales_every_step_and_its_costs():
         model.corrected(float("nan"))
 
 
+def test_the_first_exit_can_have_its_own_correction():
+    model = _model([[1.0, 2.0], [1.5, 2.5]], [2.0, 3.0], sizes=(1, 2))
+    two = model.corrected(1.5, first=0.8)
+    assert two.exit_time(0, 2) == pytest.approx(0.8 * model.exit_time(0, 2))
+    assert two.exit_time(1, 1.5) == pytest.approx(1.5 * model.exit_time(1, 1.5))
+    assert two.smallest_budgets()[2] == pytest.approx(0.8 * model.smallest_budgets()[2])
+    assert two.predicted_fraction([1.0, 0.5]) == pytest.approx(
+        (0.8 * model.exit_time(0, 2) + 1.5 * model.exit_time(1, 1.0)) / model.full_time(2))
+    again = LatencyModel.from_record(two.record())
+    assert (again.first_correction, again.correction) == (0.8, 1.5) and again.costs() == two.costs()
+    one = model.corrected(1.5)  # one factor for every step, as policy files written before the split read
+    assert one.first_factor == 1.5 and LatencyModel.from_record(one.record()).first_correction is None
+    old = {k: v for k, v in one.record().items() if k != "first_correction"}
+    assert LatencyModel.from_record(old).exit_time(0, 2) == pytest.approx(1.5 * model.exit_time(0, 2))
+    with pytest.raises(ValueError, match="correction must be a positive number"):
+        model.corrected(1.0, first=0.0)
+
+
+def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_shares(monkeypatch):
+    from eenet_fast import calibration
+
+    latency = _model([[1.0, 2.0], [1.0, 2.0]], [2.0, 4.0], sizes=(1, 2))  # at 2 rows: exit 1 is 1/2, stage 2 at 1 row 1/4
+    policy = make_policy("maxprob")
+    policy.thresholds = torch.tensor([0.5, -math.inf])
+
+    def measured(model, p, example, batch_size, threads=None):
+        if math.isinf(float(p.thresholds[0])):  # every sample at exit 1: the ladder priced it 25 % high
+            return 0.4, [1.0, 0.0]
+        return 0.4 + 2.0 * 0.25, [1.0, 0.5]  # half run on (1 row, 1/4 of the full time), at twice the ladder's time
+
+    monkeypatch.setattr(calibration, "measure_share", measured)
+    first, rest = calibration._corrections(None, policy, None, latency)
+    assert first == pytest.approx(0.8) and rest == pytest.approx(2.0)
+    assert latency.corrected(rest, first).predicted_fraction([1.0, 0.5]) == pytest.approx(0.9)
+
+    monkeypatch.setattr(calibration, "measure_share", lambda *a, **k: (0.6, [1.0, 0.01]))  # too few run on to tell apart
+    assert calibration._corrections(None, policy, None, latency) == pytest.approx((1.2, 1.2), rel=0.02)
+
+
 def test_record_round_trip_and_bad_records():
     model = _model([[1.0, 2.0], [1.5, 2.5]], [2.0, 3.0], sizes=(1, 2))
     again = LatencyModel.from_record(model.record())
