@@ -241,8 +241,8 @@ def _plot_latency(latency: LatencyModel, path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set_xlabel("rows in the batch")
         ax.set_ylabel("time (ms, best of the rounds)")
-        ax.set_title(f"Time by batch size (corrections from whole forwards: exit 1 x{latency.first_factor:.2f}, "
-                     f"later x{latency.correction:.2f})")
+        ax.set_title(f"Time by batch size\n(corrections from whole forwards: exit 1 x{latency.first_factor:.2f}, "
+                     f"later exits x{latency.correction:.2f})", fontsize=10)
         ax.grid(alpha=0.3, which="both")
 
     return _figure(path, draw)
