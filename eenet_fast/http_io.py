@@ -85,10 +85,7 @@ def parse_request(body: bytes, dtypes: Any, max_bytes: int, content_type: str | 
     if isinstance(inputs, dict):
         if isinstance(dtypes, torch.dtype):
             raise BadRequest(422, "this server takes one array as inputs, not an object")
-        wanted = dtypes or {}
-        if dtypes is not None and set(inputs) - set(wanted):
-            raise BadRequest(422, f"unknown input keys {sorted(set(inputs) - set(wanted))}; this server takes {sorted(wanted)}")
-        return {key: _tensor(value, wanted.get(key), f"inputs[{key!r}]") for key, value in inputs.items()}
+        return _tensors(inputs, dtypes)
     if isinstance(dtypes, dict):
         raise BadRequest(422, f"this server takes an object of arrays as inputs, with keys {sorted(dtypes)}")
     return _tensor(inputs, dtypes, "inputs")
@@ -118,10 +115,15 @@ def _parse_numpy(body: bytes, dtypes: Any, media: str, max_bytes: int) -> Any:
             arrays = {m.filename[:-4]: _read_npy(archive_file.read(m), f"member {m.filename!r}") for m in members}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
         raise BadRequest(400, f"the request body is not a valid {NPZ} archive ({error})") from None
+    return _tensors(arrays, dtypes)
+
+
+def _tensors(values: Mapping[str, Any], dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.Tensor]:
+    """A dict input, key by key (:func:`_tensor`), refusing keys the server does not take."""
     wanted = dtypes or {}
-    if dtypes is not None and set(arrays) - set(wanted):
-        raise BadRequest(422, f"unknown input keys {sorted(set(arrays) - set(wanted))}; this server takes {sorted(wanted)}")
-    return {key: _tensor(value, wanted.get(key), f"inputs[{key!r}]") for key, value in arrays.items()}
+    if dtypes is not None and set(values) - set(wanted):
+        raise BadRequest(422, f"unknown input keys {sorted(set(values) - set(wanted))}; this server takes {sorted(wanted)}")
+    return {key: _tensor(value, wanted.get(key), f"inputs[{key!r}]") for key, value in values.items()}
 
 
 def _read_npy(data: bytes, what: str) -> np.ndarray:
