@@ -160,7 +160,7 @@ def test_a_time_budget_retimed_with_a_dearer_decision_never_aims_below_its_new_f
     monkeypatch.setattr(calibration, "time_exits", lambda *args, **kwargs: next(timings))
     monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.full(
         (2, len(sizes)), 0.0 if policy.name == "maxprob" else 1.0, dtype=torch.float64))
-    monkeypatch.setattr(calibration, "measure_share", lambda model, policy, example, n, threads: (0.95, [1.0, 0.0]))
+    monkeypatch.setattr(calibration, "measure_share", lambda model, policy, example, n, rounds, threads: (0.95, [1.0, 0.0]))
     monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
     policy = model.calibrate(outputs, 0.5, "entropy", costs="latency", example=x[:2], batch_size=2, progress=False)
     assert policy.latency is dear and policy.budget == 0.5
@@ -188,3 +188,36 @@ def test_the_exit_mix_of_a_time_budget_is_chosen_on_the_time_model_not_one_reach
     assert reach == [1.0, 0.5] and (exits == torch.tensor([0] * 50 + [1] * 50)).all()
     average = float(starved.costs.double()[exits].mean())  # the new costs price the time model at this reach
     assert average == pytest.approx(latency.predicted_fraction(reach)) and average <= 0.8 * 1.01
+
+
+def test_the_exit_mix_of_a_time_budget_spends_the_budget_among_mixes_as_accurate_within_noise():
+    """The first exit is right on all 100 samples, 20 of them unsure. With the last exit wrong on 1
+    of those 20, sending them on is as accurate within the noise of a paired comparison: the mix
+    that spends the budget is chosen. Wrong on 10 of them, the cheaper mix wins."""
+    from eenet_fast import calibration, make_policy
+    from eenet_fast.timing import LatencyModel
+
+    sizes = (1, 2, 4)
+    steps = torch.tensor([[0.3 * m for m in sizes], [0.7 * m for m in sizes]], dtype=torch.float64)
+    latency = LatencyModel(sizes, steps, torch.tensor([float(m) for m in sizes], dtype=torch.float64), torch.zeros(3, 3))
+    first = torch.tensor([[5.0, 0.0]] * 80 + [[0.1, 0.0]] * 20)  # every sample right, the last 20 unsure
+    for wrong_later, runs_on in ((1, True), (10, False)):
+        last = torch.tensor([[5.0, 0.0]] * (100 - wrong_later) + [[0.0, 5.0]] * wrong_later)
+        outputs = ExitOutputs(torch.stack([first, last]), torch.zeros(100, dtype=torch.long), [0.3, 1.0])
+        policy = make_policy("maxprob").fit(outputs, 0.3)
+        assert (policy.assign(outputs) == 0).all()
+        reach = calibration._most_accurate_in_time(policy, outputs, latency, 1.0)
+        assert (reach[1] >= 0.2) is runs_on, (wrong_later, reach)
+
+
+def test_tied_is_a_paired_comparison_within_one_standard_deviation():
+    from eenet_fast.calibration import _tied
+
+    best = torch.tensor([1.0] * 10 + [0.0] * 90)
+    assert _tied(best, best)
+    one_less = best.clone(); one_less[0] = 0.0  # disagree on 1, one fewer right: 1 <= sqrt(1)
+    assert _tied(best, one_less)
+    two_less = best.clone(); two_less[:2] = 0.0  # 2 > sqrt(2)
+    assert not _tied(best, two_less)
+    swapped = best.clone(); swapped[:6] = 0.0; swapped[10:13] = 1.0  # disagree on 9, 3 fewer right: 3 <= sqrt(9)
+    assert _tied(best, swapped)

@@ -100,7 +100,7 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
     policy = make_policy("maxprob")
     policy.thresholds = torch.tensor([0.5, -math.inf])
 
-    def measured(model, p, example, batch_size, threads=None):
+    def measured(model, p, example, batch_size, rounds=5, threads=None):
         if math.isinf(float(p.thresholds[0])):  # every sample at exit 1: the ladder priced it 25 % high
             return 0.4, [1.0, 0.0]
         return 0.4 + 2.0 * 0.25, [1.0, 0.5]  # half run on (1 row, 1/4 of the full time), at twice the ladder's time
