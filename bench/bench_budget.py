@@ -129,7 +129,8 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
             check_exits(fitted, test.subset(torch.arange(samples)), exits)  # raises unless a score at its threshold
             row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach(expected.exits, model.num_exits), n),
                        accuracy=expected.accuracy, full_accuracy=full_accuracy,
-                       exit_mix=[round(f, 3) for f in expected.exit_fractions])
+                       exit_mix=[round(f, 3) for f in expected.exit_fractions],
+                       corrections=[round(fitted.latency.first_factor, 3), round(fitted.latency.correction, 3)])
             if load:
                 with background_load(600, True):
                     try:
