@@ -32,9 +32,10 @@ stage whose segment there rises faster than proportionally, where the fixed part
 :func:`eenet_fast.calibration.calibrate` fits around a reach guessed from the budget, then
 around the last policy's reach (a bounded number of fits, aiming lower while the model predicts
 more than the budget); finally :func:`measure_share` times whole adaptive forwards against the full
-model on the example batch, and the ratio of that share to the predicted one scales every step
-(``LatencyModel.correction``: what the steps timed apart miss), and forwards in which every sample
-leaves at the first exit scale that exit's step alone (``first_correction``), before one last fit.
+model on the example batch, with the policy and with every sample leaving at the first exit, and
+the two factors that make the model predict both shares scale the first exit's step
+(``LatencyModel.first_correction``) and the later ones (``LatencyModel.correction``: what the steps
+timed apart miss) before those fits are repeated.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ class LatencyModel:
             m = max(min(float(reach[k]), 1.0) * n, 1e-6)  # below one row: the [0, 1] segment, a whole stage
             a, b = self._segment(self.exit_times[k], m)
             if marginal and a >= 0:
-                fixed, per_sample = fixed + a * self.correction, [*per_sample, b * self.correction]
+                fixed, per_sample = fixed + a * self.factor(k), [*per_sample, b * self.factor(k)]
             else:
                 per_sample.append(self.exit_time(k, m) / m)
         full = self.full_time(n)
