@@ -104,13 +104,9 @@ class _TextEmbed(nn.Module):
             input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids")
         )
         attention_mask = batch.get("attention_mask")
-        mask, _ = self.masks(
-            attention_mask=attention_mask,
-            encoder_attention_mask=None,
-            embedding_output=hidden,
-            encoder_hidden_states=None,
-            cache=None,
-        )
+        # positional: the fifth parameter (the cache, None here) is ``cache`` in transformers 5.24 and
+        # ``past_key_values`` in 5.17 (the GPU image's version)
+        mask, _ = self.masks(attention_mask, None, hidden, None, None)
         return {"hidden": hidden, "mask": mask, "attention_mask": attention_mask}
 
 
