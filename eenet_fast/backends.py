@@ -46,9 +46,10 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: torch.Tensor):
-        """Exit decision at exit ``k`` for logits ``[B, C]`` against ``threshold`` (a 0-d tensor: the
-        policy's ``thresholds[k]``, or a :class:`~eenet_fast.control.BudgetController`'s).
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: float):
+        """Exit decision at exit ``k`` for logits ``[B, C]`` against ``threshold`` (the policy's
+        ``thresholds[k]``, or a :class:`~eenet_fast.control.BudgetController`'s, read to the host
+        once per batch: a device tensor here would cost a host read at every exit).
 
         Returns:
             ``(q, prediction, leave, nonfinite)``: ``[B]`` float32 scores, int64 predictions, bool
@@ -56,7 +57,7 @@ class TorchBackend:
         """
         feats = exit_features(logits)
         q = policy.score(k, feats, history).float()
-        leave, nonfinite = exit_flags(logits, q, threshold.to(q.device), last)
+        leave, nonfinite = exit_flags(logits, q, threshold, last)
         return q, feats.prediction, leave, nonfinite
 
     write_exited = staticmethod(write_exited_reference)
@@ -80,14 +81,14 @@ class TritonBackend:
     name = "triton"
 
     @staticmethod
-    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: torch.Tensor):
+    def decide(policy: Policy, k: int, logits: torch.Tensor, history: ExitHistory, last: bool, threshold: float):
         """Exit decision at exit ``k`` for logits ``[B, C]``: see :meth:`TorchBackend.decide`."""
         from eenet_fast.kernels.exit_decision import LOGIT_DTYPES, exit_decision
 
         head = policy.score_head_on(k, logits.device)
         if head is None or logits.dtype not in LOGIT_DTYPES:
             return TorchBackend.decide(policy, k, logits, history, last, threshold)
-        decision = exit_decision(logits, head, history.scores, float(threshold), last)
+        decision = exit_decision(logits, head, history.scores, threshold, last)
         return decision.score, decision.prediction, decision.leave, decision.nonfinite
 
     @staticmethod

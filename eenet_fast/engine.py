@@ -294,7 +294,8 @@ class ExitEngine:
             predictions = torch.cat([c.history.predictions for c in chunks])
             seen = torch.cat([c.nonfinite for c in chunks])
         last = k == len(self._queues) - 1
-        thresholds = self.policy.thresholds if self.controller is None else self.controller.thresholds()
+        # read to the host before the stage is queued (the decision takes floats: no read at the exit)
+        thresholds = (self.policy.thresholds if self.controller is None else self.controller.thresholds()).tolist()
         try:
             state = self.model.stages[k](merge([c.state for c in chunks]))
             logits = self.model.heads[k](state)

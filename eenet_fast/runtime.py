@@ -176,7 +176,8 @@ class EarlyExitModel(nn.Module):
             raise RuntimeError("no exit policy: call calibrate(val, budget) or load_policy(path) first")
         if controller is not None and controller.policy is not policy:
             raise RuntimeError("the controller was built for another policy: set model.controller = BudgetController(model.policy, val)")
-        thresholds = policy.thresholds if controller is None else controller.thresholds()
+        # read to the host once, before any work is queued: not once per exit, waiting for each stage
+        thresholds = (policy.thresholds if controller is None else controller.thresholds()).tolist()
         device = self.device
         backend = select_backend(self.backend, device)
         batch = batch_size(x)
@@ -197,7 +198,7 @@ class EarlyExitModel(nn.Module):
         return result
 
     def _exit(
-        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, threshold: torch.Tensor,
+        self, k: int, state: Any, ids: torch.Tensor, history: ExitHistory, policy: Policy, threshold: float,
         head: nn.Module, out: "_Results",
     ) -> tuple[Any, torch.Tensor, ExitHistory]:
         """Exit ``k`` on the running rows (sample ids ``ids [B]``): stage, head, decision, and the

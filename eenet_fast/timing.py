@@ -498,7 +498,7 @@ def decision_times(model: EarlyExitModel, policy: Policy, batch_sizes: Sequence[
         for k in range(model.num_exits):
             history = ExitHistory(torch.rand(n, k, generator=generator).to(model.device), torch.zeros(n, k, dtype=torch.long, device=model.device))
             last = k == model.num_exits - 1
-            threshold = torch.tensor(0.5, device=model.device)
+            threshold = 0.5
             times[k, i] = min(_timed(lambda: backend.decide(policy, k, logits, history, last, threshold), 1, sync, now)
                               for _ in range(repeats))
     return times
