@@ -26,7 +26,7 @@ import triton.language as tl
 
 from eenet_fast.decision import Decision, ScoreHeadParams, check_decision_inputs
 
-__all__ = ["exit_decision", "INTERPRET"]
+__all__ = ["exit_decision", "row_align", "INTERPRET"]
 
 #: The kernels were defined under Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import): they
 #: then take CPU tensors, and big tiles keep the number of (slow, ~10 ms) interpreted programs small.
@@ -47,12 +47,13 @@ def _exit_decision_kernel(
     leave_ptr, stride_leave, nonfinite_ptr, stride_nonfinite,
     B, C, log_c, threshold, hidden,
     NUM_INPUTS: tl.constexpr, HAS_CLASS: tl.constexpr, HAS_HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
-    LAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    LAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    row_start = logits_ptr + rows64 * stride_lb
+    # every row starts ROW_ALIGN-aligned (the wrapper checked): with unit column stride, vector loads
+    row_start = logits_ptr + tl.multiple_of(rows64 * stride_lb, ROW_ALIGN)
     chunk = tl.arange(0, BLOCK_C)
 
     run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -62,7 +63,7 @@ def _exit_decision_kernel(
     sum_exp_weight = tl.zeros([BLOCK_B], tl.float32)  # W
     bad = tl.zeros([BLOCK_B], tl.int32)
     for start in range(0, C, BLOCK_C):
-        cols = start + chunk
+        cols = tl.max_contiguous(tl.multiple_of(start + chunk, BLOCK_C), BLOCK_C)
         col_ok = cols < C
         z = tl.load(
             row_start[:, None] + cols.to(tl.int64)[None, :] * stride_lc,
@@ -135,6 +136,21 @@ def _tiles(batch: int, num_classes: int) -> tuple[int, int]:
     return block_b, block_c
 
 
+def row_align(t: torch.Tensor, most: int = 16) -> int:
+    """The largest power of 2, up to ``most``, that divides the element offset of every row's start
+    in float32 ``t`` (``[B, C]``): its row stride and its address in elements; 1 when that allows no
+    16-byte vector, and for 2-byte logits. Triton only learns this by itself for strides divisible
+    by 16 (rows of C = 1000 or C = 100 classes would be read a word at a time). The narrower or
+    2-byte hints are not given: on sm_90 8-byte hints made the C = 10 decision use stack, and on
+    sm_80 16-byte ones made the float16/bfloat16 C = 1000 decision spill (``bench/compile_kernels.py``)."""
+    if t.element_size() != 4:
+        return 1
+    align, address = most, t.data_ptr()
+    while align > 1 and (t.stride(0) % align or address % (align * t.element_size())):
+        align //= 2
+    return align if align * t.element_size() >= 16 else 1
+
+
 def warps_for(tile: int) -> int:
     """Warps for a program over ``tile`` elements: 4 up to 2048, 8 above. On 4 warps, tiles of 4096
     (32 elements a thread) spilled on sm_90 (``python bench/compile_kernels.py``)."""
@@ -161,6 +177,7 @@ def exit_decision(
     out: Decision | None = None,
     block_b: int | None = None,
     block_c: int | None = None,
+    align: int | None = None,
 ) -> Decision:
     """The exit decision of :func:`~eenet_fast.decision.decide_reference` in one kernel launch.
 
@@ -174,6 +191,8 @@ def exit_decision(
             state; fresh tensors when ``None``.
         block_b, block_c: rows per program and classes per chunk (powers of 2); chosen from ``B, C``
             when ``None``.
+        align: the alignment (elements, a power of 2) the kernel assumes for each row's start, for
+            vector loads; :func:`row_align` of ``logits`` when ``None`` (1 assumes nothing).
 
     Returns:
         :class:`~eenet_fast.decision.Decision` (``out`` when given). Nothing is launched when ``B = 0``.
@@ -216,6 +235,7 @@ def exit_decision(
         batch, num_classes, math.log(num_classes), float(threshold), head.mlp_width,
         NUM_INPUTS=head.num_inputs, HAS_CLASS=head.class_weight is not None, HAS_HIDDEN=head.mlp_width > 0,
         BLOCK_H=max(16, triton.next_power_of_2(head.mlp_width)), LAST=bool(last),
-        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=warps_for(block_b * block_c),
+        BLOCK_B=block_b, BLOCK_C=block_c, ROW_ALIGN=row_align(logits) if align is None else align,
+        num_warps=warps_for(block_b * block_c),
     )  # fmt: skip
     return out

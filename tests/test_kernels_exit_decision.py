@@ -12,7 +12,7 @@ from kernel_utils import DEVICE, DTYPES, gen  # noqa: E402
 
 from eenet_fast import make_policy  # noqa: E402
 from eenet_fast.decision import Decision, ScoreHeadParams, decide_reference  # noqa: E402
-from eenet_fast.kernels.exit_decision import exit_decision  # noqa: E402
+from eenet_fast.kernels.exit_decision import exit_decision, row_align  # noqa: E402
 from eenet_fast.policies import ExitHistory  # noqa: E402
 from eenet_fast.synthetic import make_synthetic_outputs  # noqa: E402
 
@@ -96,6 +96,34 @@ def test_decision_dtypes_and_layouts(dtype, layout):
         logits = random_logits(batch, num_classes, dtype, seed=2, strided=layout == "row-strided")
     head = random_head(num_classes, 2, 16, True, seed=3)
     prev = torch.rand(batch, 2, generator=gen(4)).to(DEVICE)
+    threshold = middle_threshold(decide_reference(logits, head, prev, 0.0).score)
+    got = exit_decision(logits, head, prev, threshold, out=poisoned(batch))
+    check_decision(got, decide_reference(logits, head, prev, threshold), threshold)
+
+
+def test_row_align_is_what_every_row_start_allows_for_16_byte_vectors():
+    def rows(num_classes, dtype=torch.float32, offset=0):
+        return torch.empty(8, num_classes + offset, dtype=dtype)[:, offset:]
+
+    assert [row_align(rows(c)) for c in (100, 1000, 1024, 1001)] == [4, 8, 16, 1]
+    assert row_align(rows(1000, offset=4)) == 4  # 16 bytes in: the address allows 4
+    assert row_align(rows(1000, offset=1)) == 1  # one word in: no row starts 16-byte aligned
+    assert row_align(rows(10)) == 1  # 8-byte vectors at most: no hint
+    assert row_align(rows(1024, torch.bfloat16)) == 1  # 2-byte logits: no hint (Triton sees stride 1024)
+    assert row_align(torch.empty(100, 8).t()) == 1  # row stride 1: a transposed tensor
+
+
+@pytest.mark.parametrize("num_classes", [100, 1000, 1024])
+@pytest.mark.parametrize("offset", [0, 4])
+def test_decision_with_aligned_rows_matches_reference(num_classes, offset):
+    """Rows whose starts are 16-byte aligned (the kernel's vector loads on a GPU), from the tensor's
+    start or 16 bytes into it, over a batch that ends inside a tile."""
+    batch = 77
+    wide = torch.randn(batch, num_classes + offset, generator=gen(5)).mul(4).to(DEVICE)
+    logits = wide[:, offset:]
+    assert row_align(logits) >= 4
+    head = random_head(num_classes, 2, 16, True, seed=6)
+    prev = torch.rand(batch, 2, generator=gen(7)).to(DEVICE)
     threshold = middle_threshold(decide_reference(logits, head, prev, 0.0).score)
     got = exit_decision(logits, head, prev, threshold, out=poisoned(batch))
     check_decision(got, decide_reference(logits, head, prev, threshold), threshold)
