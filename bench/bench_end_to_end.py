@@ -69,6 +69,14 @@ def anchor():
     return net, model, x
 
 
+def offline_exits(model, x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """The exit each row of ``x`` takes with max-prob ``thresholds``, from every exit's logits at once."""
+    scores = torch.stack([exit_features(z).max_score for z in model.all_exits(x)])
+    leaves = scores >= torch.tensor(thresholds, device=scores.device, dtype=scores.dtype)[:, None]
+    leaves[-1] = True
+    return leaves.int().argmax(0)
+
+
 def handwritten(model, x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """The early-exit loop people write in PyTorch: boolean indexing after every exit."""
     out = torch.empty(x.shape[0], 100, device=x.device, dtype=x.dtype)
@@ -125,7 +133,10 @@ def test_end_to_end(benchmark, anchor, batch, provider):
         if provider == "full":
             _full[batch] = seconds
         if provider.startswith("eenet"):
-            mix = torch.bincount(model(x).exits, minlength=3).div(batch).tolist()
-            benchmark.extra_info["exit_mix"] = mix
-            assert all(abs(a - b) < 0.03 for a, b in zip(mix, MIX)), f"exit mix {mix} instead of {MIX}"
+            exits = model(x).exits
+            benchmark.extra_info["exit_mix"] = mix = torch.bincount(exits, minlength=3).div(batch).tolist()
+            # the thresholds give MIX on all the inputs, and each batch its own mix: its rows must take the
+            # exits the thresholds give them offline (bf16 logits move in their last bits between batch sizes)
+            differ = (exits != offline_exits(model, x, thresholds)).float().mean().item()
+            assert differ <= 0.01, f"{100 * differ:.1f} % of the rows left at another exit than offline (mix {mix})"
     benchmark.extra_info["speedup_vs_full"] = _full.get(batch, float("nan")) / seconds

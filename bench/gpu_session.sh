@@ -2,7 +2,8 @@
 # One GPU session's checks, prepared so that they fit a short device lease (at most about 8 minutes,
 # each part under its own time limit): install offline, run the kernel and family tests with the
 # kernels compiled for CUDA (and the real torchvision/timm models the GPU image has), then the GPU
-# benchmarks (kernels, anchor CNN end to end, per-exit overhead, time budgets on the demo CNN) and a
+# benchmarks (kernels, anchor CNN end to end, the decision's tiles, per-exit overhead, time budgets on
+# the demo CNN) and a
 # summary against the bars of the kernels issue. Everything lands in $OUT (the device tool's folder,
 # eight files) or bench/results/<date>/; copy what matters into bench/results/ afterwards.
 # The time-budget part needs the Fashion-MNIST files and the cached demo model: carry them as
@@ -20,13 +21,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/i
 } 2>&1 | tee "$out/tests.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_exit_decision.py tests/test_kernels_compaction.py \
   tests/test_backends.py tests/test_kernels_compile.py tests/test_families.py 2>&1 | tee -a "$out/tests.txt" | tail -8
-timeout 210 python3 -m pytest -q -p no:cacheprovider bench/bench_kernels.py bench/bench_end_to_end.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider bench/bench_kernels.py bench/bench_end_to_end.py \
   --benchmark-json="$out/bench.json" --benchmark-columns=median,rounds >"$out/bench.txt" 2>&1
 tail -3 "$out/bench.txt"
 python3 bench/summarize_gpu.py "$out/bench.json" | tee "$out/summary.md"
+timeout 120 python3 bench/sweep_decision_tiles.py --json "$out/sweep.json" >"$out/sweep.txt" 2>&1; grep "best\|Error" "$out/sweep.txt"
 timeout 40 python3 bench/bench_overhead.py --device cuda --rounds 15 2>&1 | tee "$out/overhead.txt"
 if [ -d .gpu_data/fashion-mnist ] && [ -d eenet_runs/demo ]; then
   mkdir -p /usr/share/datasets && cp -r .gpu_data/fashion-mnist /usr/share/datasets/
-  timeout 110 python3 bench/bench_budget.py --model cnn --device cuda --batches 256 1024 4096 --budgets 0.5 0.7 \
-    --rounds 5 --markdown "$out/budget.md" 2>&1 | tee "$out/budget.log" | tail -12
+  timeout 90 python3 bench/bench_budget.py --model cnn --device cuda --batches 256 1024 4096 --budgets 0.5 0.7 \
+    --rounds 5 2>&1 | tee "$out/budget.log" | tail -12
 fi

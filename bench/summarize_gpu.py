@@ -66,13 +66,14 @@ def main(path: str) -> None:
     print("\n## End to end, anchor CNN (µs; speed-up over the full model, same run)\n")
     print("| B | provider | µs | speed-up | exit mix |")
     print("|---|---|---|---|---|")
-    for r in sorted((r for r in rows if r["name"] == "test_end_to_end"), key=lambda r: (r["batch"], r["provider"])):
-        print(f"| {r['batch']} | {r['provider']} | {r['us']:.0f} | {r.get('speedup_vs_full', float('nan')):.2f}x "
-              f"| {r.get('exit_mix', '')} |")
+    end_to_end = [r for r in rows if r["name"] == "test_end_to_end"]
+    full = {r["batch"]: r["us"] for r in end_to_end if r["provider"] == "full"}
+    for r in sorted(end_to_end, key=lambda r: (r["batch"], r["provider"])):
+        speedup = full.get(r["batch"], float("nan")) / r["us"]  # from this file's times: a failed check records none
+        print(f"| {r['batch']} | {r['provider']} | {r['us']:.0f} | {speedup:.2f}x | {r.get('exit_mix', '')} |")
         if r["provider"] == "eenet_triton":
             need = {2048: 1.30, 256: 1.10}.get(r["batch"], 1.0)
-            bars.append((f"end to end B={r['batch']}: >= {need:.2f}x the full model", r["speedup_vs_full"] >= need,
-                         f"{r['speedup_vs_full']:.2f}x"))
+            bars.append((f"end to end B={r['batch']}: >= {need:.2f}x the full model", speedup >= need, f"{speedup:.2f}x"))
 
     print("\n## Bars of the kernels issue\n")
     for what, met, value in bars:
