@@ -33,8 +33,11 @@ __all__ = ["exit_decision", "row_align", "INTERPRET"]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_TILE = 1 << 16 if INTERPRET else 8192  # elements of the [BLOCK_B, BLOCK_C] tile
-_MAX_BLOCK_C = 32768 if INTERPRET else 4096
+# On an H200 (bench/results/gpu-h200-2026-11-27.md, python bench/sweep_decision_tiles.py) tiles of
+# 2048 elements on 4 warps beat those of 8192 on 8 at every C: 2 x 1024 read C = 1000 rows at 1581 GB/s
+# against 706 for 8 x 1024, and bf16 C = 32000 ones at 1180 against 1006 for 2 x 4096.
+_MAX_TILE = 1 << 16 if INTERPRET else 2048  # elements of the [BLOCK_B, BLOCK_C] tile
+_MAX_BLOCK_C = 32768 if INTERPRET else 1024
 _MAX_BLOCK_B = 256 if INTERPRET else 64
 
 

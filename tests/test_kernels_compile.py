@@ -55,7 +55,7 @@ def test_each_kernel_compiles_for_hopper_and_ampere(compiled):
     covered = {(r["kernel"], r["target"]) for r in compiled}
     assert covered == {(k, t) for k in ("decision", "gather", "write") for t in ("sm_90", "sm_80")}
     tiles = {r["tile"] for r in compiled if r["kernel"] == "decision"}
-    assert any("BLOCK_C=16 " in t for t in tiles) and any("BLOCK_C=4096 " in t for t in tiles)
+    assert any("BLOCK_C=16 " in t for t in tiles) and any("BLOCK_C=1024 " in t for t in tiles)
 
 
 def test_no_variant_spills_or_exceeds_the_registers(compiled):
