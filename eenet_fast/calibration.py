@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import statistics
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,7 +20,7 @@ from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
-from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, measure_share, reach, time_exits
+from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, measure_shares, reach, time_exits
 
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
@@ -232,22 +233,25 @@ CORRECTION_ROUNDS = 15  # the demo CNN at batch 256, 2 threads: one share spread
 
 def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: LatencyModel) -> tuple[float, float]:
     """The factors on the first exit's step and on the later ones (each within [0.5, 2]) that make
-    ``latency`` predict two measured time shares on the example batch (:func:`measure_share`):
-    forwards in which every sample leaves at the first exit, and forwards with ``policy``. When
-    fewer than :data:`MIN_LATER_REACH` of the samples run on, both factors are the second share's."""
+    ``latency`` predict two measured time shares on the example batch (:func:`measure_shares`, the
+    medians over the rounds): forwards in which every sample leaves at the first exit, and forwards
+    with ``policy``, back to back in each round. The later steps' share is the median of the two
+    forwards' difference in each round: timed apart (two medians, or two minima, subtracted), the
+    later factor of one policy at batch 256 spread 1.23-1.49 over eight measurements, where what
+    disturbs a round slows both forwards. When fewer than :data:`MIN_LATER_REACH` of the samples
+    run on, both factors are the policy's share's."""
     bound = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
     plain = latency.corrected(1.0)
-    share, example_reach = measure_share(model, policy, example, latency.batch_size, CORRECTION_ROUNDS, latency.threads)
-    predicted = plain.predicted_fraction(example_reach)
-    if example_reach[1] < MIN_LATER_REACH:
-        return bound(share / predicted), bound(share / predicted)
     first_only = copy.deepcopy(policy)
     first_only.thresholds = torch.full_like(policy.thresholds, -math.inf)  # every sample leaves at exit 1
-    first_share, _ = measure_share(model, first_only, example, latency.batch_size, CORRECTION_ROUNDS, latency.threads)
-    first_predicted = plain.predicted_fraction([1.0])
-    first = bound(first_share / first_predicted)
-    later = predicted - first_predicted
-    return first, bound((share - first * first_predicted) / later) if later > 0 else first
+    (shares, firsts), (example_reach, _) = measure_shares(
+        model, [policy, first_only], example, latency.batch_size, CORRECTION_ROUNDS, latency.threads
+    )
+    predicted, first_predicted = plain.predicted_fraction(example_reach), plain.predicted_fraction([1.0])
+    if example_reach[1] < MIN_LATER_REACH:
+        return (bound(statistics.median(shares) / predicted),) * 2
+    first, later = bound(statistics.median(firsts) / first_predicted), predicted - first_predicted
+    return first, bound(statistics.median(s - f for s, f in zip(shares, firsts)) / later) if later > 0 else first
 
 
 TIME_TILTS = tuple(0.125 * j for j in range(-64, 65))  # log_s from -8 to 8: towards earlier or later exits

@@ -31,9 +31,9 @@ the smallest feasible budget ``t_0(n) / T(n)`` (used when the fixed parts leave 
 stage whose segment there rises faster than proportionally, where the fixed part would be negative).
 :func:`eenet_fast.calibration.calibrate` fits around a reach guessed from the budget, then
 around the last policy's reach (a bounded number of fits, aiming lower while the model predicts
-more than the budget); finally :func:`measure_share` times whole adaptive forwards against the full
-model on the example batch, with the policy and with every sample leaving at the first exit, and
-the two factors that make the model predict both shares scale the first exit's step
+more than the budget); finally :func:`measure_shares` times whole adaptive forwards against the full
+model on the example batch, with the policy and with every sample leaving at the first exit, back to
+back in each round, and the two factors that make the model predict both shares scale the first exit's step
 (``LatencyModel.first_correction``) and the later ones (``LatencyModel.correction``: what the steps
 timed apart miss) before those fits are repeated.
 """
@@ -63,7 +63,7 @@ from eenet_fast.threads import torch_threads
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_share", "decision_times"]
+__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -86,7 +86,7 @@ class LatencyModel:
             then the full model): how much the machine disturbed each point.
         correction: a factor on the steps of the later exits (all of them, with ``first_correction``
             ``None``), from timing whole adaptive forwards against the full model
-            (:func:`measure_share`): what the steps timed apart miss.
+            (:func:`measure_shares`): what the steps timed apart miss.
         first_correction: the factor on the first exit's step (``None``: ``correction``), from
             timing forwards in which every sample leaves there. Apart, the two errors differ: demo
             CNN, batch 256, two threads, the ladder priced the first step 3-9 % high and the second
@@ -329,7 +329,7 @@ def time_exits(
     stages lose a thread and the exits' small operations do not, so the exits look cheaper
     (``bench/bench_budget.py --load``, demo CNN: policies fitted this way spent 4-8 % over the
     budget when served quiet on 2 threads at batch 256 and 1024, and 20 % at batch 32). The model
-    records the threads it was timed with (``LatencyModel.threads``); :func:`measure_share` uses as
+    records the threads it was timed with (``LatencyModel.threads``); :func:`measure_shares` uses as
     many, and so should serving.
     """
     with torch_threads(threads):
@@ -460,29 +460,37 @@ def _installed(model: EarlyExitModel, policy: Policy) -> Iterator[None]:
 
 
 @torch.no_grad()
-def measure_share(
-    model: EarlyExitModel, policy: Policy, example: Any, batch_size: int, rounds: int = 5, threads: int | None = None
-) -> tuple[float, list[float]]:
-    """Adaptive inference with ``policy`` against the full model on batches of ``batch_size`` rows
-    of ``example`` (repeated), timed in ``rounds`` interleaved rounds.
+def measure_shares(
+    model: EarlyExitModel, policies: Sequence[Policy], example: Any, batch_size: int, rounds: int = 5,
+    threads: int | None = None,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Adaptive inference with each of ``policies`` against the full model on batches of
+    ``batch_size`` rows of ``example`` (repeated), timed back to back in each of ``rounds`` rounds.
 
     Args:
         threads: the CPU threads to time on (default: torch's current setting).
 
     Returns:
-        The best adaptive time over the best full time (the least disturbed rounds), and the share
-        of the rows that ran each stage (the reach this time share belongs to).
+        For each policy, its time share in each round (adaptive / full time of the same round, as
+        the bench and users measure it: a busy spell slows both), and the share of the rows that ran
+        each stage (the reach its shares belong to). Shares of two policies in the same round are
+        paired: their difference is free of what disturbed that round.
     """
     x = _rows(move_to(example, model.device), batch_size)
-    sync = synchronizer(model.device)
-    with _installed(model, policy), torch_threads(threads):
-        exits, now = model(x).exits, clock(model.device)
+    sync, now = synchronizer(model.device), clock(model.device)
+    reaches = []
+    with torch_threads(threads):
+        for policy in policies:
+            with _installed(model, policy):
+                reaches.append(reach(model(x).exits, model.num_exits))
         repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync, now))  # the warm-up sets the calls per timing
-        fulls, adaptives = [], []
-        for _ in range(rounds):  # interleaved: a busy spell slows both
-            fulls.append(_timed(lambda: full_pass(model, x), repeats, sync, now))
-            adaptives.append(_timed(lambda: model(x), repeats, sync, now))
-    return min(adaptives) / min(fulls), reach(exits, model.num_exits)
+        shares: list[list[float]] = [[] for _ in policies]
+        for _ in range(rounds):
+            full = _timed(lambda: full_pass(model, x), repeats, sync, now)
+            for policy, own in zip(policies, shares):
+                with _installed(model, policy):
+                    own.append(_timed(lambda: model(x), repeats, sync, now) / full)
+    return shares, reaches
 
 
 @torch.no_grad()

@@ -160,7 +160,8 @@ def test_a_time_budget_retimed_with_a_dearer_decision_never_aims_below_its_new_f
     monkeypatch.setattr(calibration, "time_exits", lambda *args, **kwargs: next(timings))
     monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.full(
         (2, len(sizes)), 0.0 if policy.name == "maxprob" else 1.0, dtype=torch.float64))
-    monkeypatch.setattr(calibration, "measure_share", lambda model, policy, example, n, rounds, threads: (0.95, [1.0, 0.0]))
+    monkeypatch.setattr(calibration, "measure_shares", lambda model, policies, example, n, rounds, threads: (
+        [[0.95] * rounds for _ in policies], [[1.0, 0.0] for _ in policies]))
     monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
     policy = model.calibrate(outputs, 0.5, "entropy", costs="latency", example=x[:2], batch_size=2, progress=False)
     assert policy.latency is dear and policy.budget == 0.5

@@ -9,7 +9,7 @@ import torch
 
 from eenet_fast.errors import InputError
 from eenet_fast.threads import torch_threads
-from eenet_fast.timing import LatencyModel, clock, decision_times, ladder, measure_share, time_exits
+from eenet_fast.timing import LatencyModel, clock, decision_times, ladder, measure_shares, time_exits
 from eenet_fast.wrapping import wrap
 from eenet_fast.zoo import MultiExitCNN
 from eenet_fast import make_policy
@@ -100,18 +100,28 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
     policy = make_policy("maxprob")
     policy.thresholds = torch.tensor([0.5, -math.inf])
 
-    def measured(model, p, example, batch_size, rounds=5, threads=None):
-        if math.isinf(float(p.thresholds[0])):  # every sample at exit 1: the ladder priced it 25 % high
-            return 0.4, [1.0, 0.0]
-        return 0.4 + 2.0 * 0.25, [1.0, 0.5]  # half run on (1 row, 1/4 of the full time), at twice the ladder's time
+    # rounds disturbed by +-0.3 of the full model's time, alike for both forwards of a round
+    disturbance = [0.0, 0.3, -0.3, 0.3, 0.0]
 
-    monkeypatch.setattr(calibration, "measure_share", measured)
+    def measured(model, policies, example, batch_size, rounds, threads):
+        assert [math.isinf(float(p.thresholds[0])) for p in policies] == [False, True]
+        # with the policy half run on (1 row, 1/4 of the full time) at twice the ladder's time; every
+        # sample at exit 1: the ladder priced it 25 % high
+        return [[0.4 + 2.0 * 0.25 + d for d in disturbance], [0.4 + d for d in disturbance]], [[1.0, 0.5], [1.0, 0.0]]
+
+    monkeypatch.setattr(calibration, "measure_shares", measured)
     first, rest = calibration._corrections(None, policy, None, latency)
     assert first == pytest.approx(0.8) and rest == pytest.approx(2.0)
     assert latency.corrected(rest, first).predicted_fraction([1.0, 0.5]) == pytest.approx(0.9)
 
-    monkeypatch.setattr(calibration, "measure_share", lambda *a, **k: (0.6, [1.0, 0.01]))  # too few run on to tell apart
-    assert calibration._corrections(None, policy, None, latency) == pytest.approx((1.2, 1.2), rel=0.02)
+    # the later steps' share is the median of the two forwards' difference in each round (0.3, the
+    # ladder's 0.25 x 1.2), not the difference of their medians (0.7 - 0.25 = 0.45)
+    monkeypatch.setattr(calibration, "measure_shares", lambda *a: (
+        [[0.7, 0.7, 0.7, 0.55, 0.55], [0.4, 0.4, 0.25, 0.25, 0.25]], [[1.0, 0.5], [1.0, 0.0]]))
+    assert calibration._corrections(None, policy, None, latency)[1] == pytest.approx(1.2)
+
+    monkeypatch.setattr(calibration, "measure_shares", lambda *a: ([[0.6] * 5, [0.5] * 5], [[1.0, 0.01], [1.0, 0.0]]))
+    assert calibration._corrections(None, policy, None, latency) == pytest.approx((1.2, 1.2), rel=0.02)  # too few run on
 
 
 def test_record_round_trip_and_bad_records():
@@ -153,15 +163,18 @@ def test_decision_times_cover_every_exit_and_size():
     assert times.shape == (2, 2) and (times > 0).all()
 
 
-def test_measure_share_times_whole_forwards_and_leaves_the_model_as_it_was():
+def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_model_as_it_was():
     model = wrap(MultiExitCNN(widths=(4, 8))).eval()
     x = torch.randn(6, 1, 28, 28)
     outputs = model.collect([(x, torch.randint(10, (6,)))], progress=False)
     installed = make_policy("maxprob").fit(outputs.with_costs([0.5, 1.0]), 0.75)
     model.policy = installed
     every_at_first = make_policy("maxprob").fit(outputs.with_costs([0.5, 1.0]), 0.5)
-    share, reach = measure_share(model, every_at_first, x, 4, rounds=2)
-    assert share > 0 and reach == [1.0, 0.0]
+    every_at_last = make_policy("maxprob").fit(outputs.with_costs([0.5, 1.0]), 1.0)
+    every_at_last.thresholds[0] = math.inf
+    shares, reaches = measure_shares(model, [every_at_first, every_at_last], x, 4, rounds=3)
+    assert [len(s) for s in shares] == [3, 3] and all(v > 0 for s in shares for v in s)
+    assert reaches == [[1.0, 0.0], [1.0, 1.0]]
     assert model.policy is installed and model.controller is None
 
 
