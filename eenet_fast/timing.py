@@ -474,12 +474,12 @@ def measure_shares(
         For each policy, its time share in each round (adaptive / full time of the same round, as
         the bench and users measure it: a busy spell slows both), and the share of the rows that ran
         each stage (the reach its shares belong to). Shares of two policies in the same round are
-        paired: their difference is free of what disturbed that round.
+        paired: their difference is spared what disturbed that round as a whole.
     """
     x = _rows(move_to(example, model.device), batch_size)
-    sync, now = synchronizer(model.device), clock(model.device)
-    reaches = []
+    sync, reaches = synchronizer(model.device), []
     with torch_threads(threads):
+        now = clock(model.device)  # on the threads timed: one thread is timed on its own CPU time
         for policy in policies:
             with _installed(model, policy):
                 reaches.append(reach(model(x).exits, model.num_exits))

@@ -178,6 +178,21 @@ def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_mod
     assert model.policy is installed and model.controller is None
 
 
+def test_measure_shares_picks_its_clock_on_the_threads_it_times(monkeypatch):
+    """On one thread of a busy machine the shares are timed on that thread's CPU time: the clock is
+    chosen inside the thread setting, not on the caller's threads."""
+    from eenet_fast import timing
+
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    x = torch.randn(4, 1, 28, 28)
+    model.policy = make_policy("maxprob").fit(model.collect([(x, torch.randint(10, (4,)))], progress=False).with_costs([0.5, 1.0]), 0.75)
+    seen = []
+    monkeypatch.setattr(timing, "clock", lambda device: seen.append(torch.get_num_threads()) or time.perf_counter)
+    with torch_threads(2):
+        measure_shares(model, [model.policy], x, 4, rounds=1, threads=1)
+    assert seen == [1]
+
+
 def test_a_superlinear_segment_is_priced_at_its_average_so_costs_stay_positive():
     # stage 1 jumps from 1 to 10 between 1 and 2 rows: its segment there has a negative fixed part
     model = _model([[10.0, 10.0], [1.0, 10.0]], [11.0, 12.0], sizes=(1, 2))
