@@ -43,7 +43,7 @@ from eenet_fast import evaluate
 from eenet_fast.evaluate import check_exits
 from eenet_fast.errors import BudgetError
 from eenet_fast.threads import torch_threads
-from eenet_fast.timing import reach
+from eenet_fast.timing import reach, synchronizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES, BUDGETS = (1, 8, 32, 256, 1024), (0.4, 0.5, 0.7)
@@ -94,7 +94,7 @@ def background_load(seconds: float, on: bool) -> Iterator[None]:
 def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> tuple[float, float, torch.Tensor]:
     """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits."""
     batches = list(x.split(batch))
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = synchronizer(x.device)
     ratios, exits = [], None
     with torch.no_grad():
         for r in range(rounds + 1):

@@ -70,6 +70,19 @@ def record(benchmark, fn: Callable[[], object], nbytes: int, **info: object) -> 
     benchmark.pedantic(call_and_sync, rounds=ROUNDS, warmup_rounds=2)
 
 
+def eenet_head(num_classes: int) -> ScoreHeadParams:
+    """EENet's score head at exit 2 on CUDA: per-class term, 16 hidden units, 2 earlier scores (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    hidden, k = 16, 2
+    return ScoreHeadParams(
+        torch.randn(num_classes, generator=g) * 0.1,
+        torch.randn(k + 2, generator=g),
+        torch.randn(hidden, k + 2, generator=g),
+        torch.randn(hidden, generator=g),
+        torch.randn(hidden, generator=g),
+    ).to("cuda")
+
+
 def require_free_memory(nbytes: int) -> None:
     free, _ = torch.cuda.mem_get_info()
     if nbytes > 0.8 * free:
@@ -89,17 +102,9 @@ def test_decision(benchmark, impl, batch, num_classes):
     logit_bytes = batch * num_classes * dtype.itemsize
     # eager keeps float32 copies of the logits, log-probabilities, probabilities and p log p
     require_free_memory(logit_bytes + (0 if impl == "fused" else 4 * batch * num_classes * 4))
-    g = torch.Generator().manual_seed(0)
-    hidden, k = 16, 2
-    head = ScoreHeadParams(
-        torch.randn(num_classes, generator=g) * 0.1,
-        torch.randn(k + 2, generator=g),
-        torch.randn(hidden, k + 2, generator=g),
-        torch.randn(hidden, generator=g),
-        torch.randn(hidden, generator=g),
-    ).to("cuda")
+    head = eenet_head(num_classes)
     logits = torch.randn(batch, num_classes, device="cuda", dtype=dtype) * 3
-    prev = torch.rand(batch, k, device="cuda")
+    prev = torch.rand(batch, 2, device="cuda")  # the head's 2 earlier scores
     threshold = 0.5
     if impl == "fused":
         fn = lambda: exit_decision(logits, head, prev, threshold)  # noqa: E731

@@ -20,6 +20,7 @@ from tabulate import tabulate
 
 from eenet_fast import wrap
 from eenet_fast.calibration import calibrate
+from eenet_fast.timing import synchronizer
 from eenet_fast.zoo import MultiExitCNN
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     policy = calibrate(model, val, 0.6, args.policy, costs=[0.3, 0.6, 1.0], progress=False, **options)
     policy.thresholds[:-1] = math.inf  # nobody leaves early: every stage runs, as in the plain pass
     model.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     backends = ("torch", "triton") if device.type == "cuda" else ("torch",)
     rows = []
     for n in (1, 8, 32, 256):

@@ -18,19 +18,12 @@ import torch
 import triton
 from tabulate import tabulate
 
-from bench_kernels import cuda_time_us  # beside this file
-from eenet_fast.decision import ScoreHeadParams
+from bench_kernels import cuda_time_us, eenet_head  # beside this file
 from eenet_fast.kernels.exit_decision import _tiles, exit_decision, row_align
 
 SHAPES = [(100, torch.float32), (1000, torch.float32), (32000, torch.bfloat16), (10, torch.float32), (1024, torch.float32)]
 BATCHES = (16384, 131072)
 MAX_TILE = 8192  # the dispatcher's largest (bigger tiles spill: bench/compile_kernels.py)
-
-
-def head(num_classes: int) -> ScoreHeadParams:
-    g = torch.Generator().manual_seed(0)
-    return ScoreHeadParams(torch.randn(num_classes, generator=g) * 0.1, torch.randn(4, generator=g),
-                           torch.randn(16, 4, generator=g), torch.randn(16, generator=g), torch.randn(16, generator=g)).to("cuda")
 
 
 def tiles(num_classes: int) -> list[tuple[int, int]]:
@@ -45,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for num_classes, dtype in SHAPES:
-        params = head(num_classes)
+        params = eenet_head(num_classes)
         for batch in BATCHES:
             logits = torch.randn(batch, num_classes, device="cuda", dtype=dtype) * 3
             prev = torch.rand(batch, 2, device="cuda")
