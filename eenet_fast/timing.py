@@ -35,7 +35,9 @@ more than the budget); finally :func:`measure_shares` times whole adaptive forwa
 model on the example batch, with the policy and with every sample leaving at the first exit, back to
 back in each round, and the two factors that make the model predict both shares scale the first exit's step
 (``LatencyModel.first_correction``) and the later ones (``LatencyModel.correction``: what the steps
-timed apart miss) before those fits are repeated.
+timed apart miss) before those fits are repeated (the first of them is measured once before any fit
+too: the smallest feasible budget; and the refit policy is measured again, see
+:func:`eenet_fast.calibration.calibrate`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from eenet_fast.threads import torch_threads
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times"]
+__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times", "leaving_first", "runnable_copy"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -429,8 +431,7 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
     back after); ``compact_half(k, state)``: the compaction after exit ``k`` of every other row of
     the stage output ``state`` with its ids and history."""
     backend = select_backend(model.backend, model.device)
-    stand_in = copy.deepcopy(policy) if policy is not None else make_policy("maxprob")
-    stand_in.num_classes = model.heads[0](model.stages[0](_rows(x, 1))).shape[1]
+    stand_in = runnable_copy(model, x, policy)
     forced = {k: torch.tensor([math.inf] * k + [-math.inf] * (model.num_exits - k), device=model.device)
               for k in range(model.num_exits)}
 
@@ -446,6 +447,23 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
         backend.compact(keep, state, torch.arange(n, device=model.device), *history)
 
     return forward_to, compact_half
+
+
+@torch.no_grad()
+def runnable_copy(model: EarlyExitModel, x: Any, policy: Policy | None = None) -> Policy:
+    """A copy of ``policy`` (default: the max-score decision) that runs in ``model``'s forward on
+    batches like ``x`` once its ``thresholds`` (``[K]``) are set."""
+    copied = copy.deepcopy(policy) if policy is not None else make_policy("maxprob")
+    copied.num_classes = model.heads[0](model.stages[0](_rows(x, 1))).shape[1]
+    return copied
+
+
+def leaving_first(model: EarlyExitModel, x: Any, policy: Policy | None = None) -> Policy:
+    """:func:`runnable_copy` of ``policy`` that sends every sample out at the first exit: the
+    fastest adaptive forward, whose time share is the smallest feasible time budget."""
+    copied = runnable_copy(model, x, policy)
+    copied.thresholds = torch.full((model.num_exits,), -math.inf, device=model.device)
+    return copied
 
 
 @contextmanager

@@ -161,11 +161,73 @@ def test_a_time_budget_retimed_with_a_dearer_decision_never_aims_below_its_new_f
     monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.full(
         (2, len(sizes)), 0.0 if policy.name == "maxprob" else 1.0, dtype=torch.float64))
     monkeypatch.setattr(calibration, "measure_shares", lambda model, policies, example, n, rounds, threads: (
-        [[0.95] * rounds for _ in policies], [[1.0, 0.0] for _ in policies]))
+        [[0.45 if _leaves_first(p) else 0.95] * rounds for p in policies], [[1.0, 0.0] for _ in policies]))
     monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
     policy = model.calibrate(outputs, 0.5, "entropy", costs="latency", example=x[:2], batch_size=2, progress=False)
-    assert policy.latency is dear and policy.budget == 0.5
+    assert torch.equal(policy.latency.exit_times, dear.exit_times)  # timed again with the dearer decision
+    assert policy.budget == 0.5
     assert (policy.assign(outputs) == 0).all()  # the floor: every sample at the first exit
+
+
+def _leaves_first(policy) -> bool:
+    return bool(torch.isinf(policy.thresholds).all() and (policy.thresholds < 0).all())
+
+
+def _time_budget_setup(monkeypatch, floor: float):
+    """A small model and outputs whose calibration for a time budget runs on a fixed ladder
+    (floor 0.3 at batch 2) and forwards measured at ``floor`` when every sample leaves first."""
+    from eenet_fast import calibration
+    from eenet_fast.timing import LatencyModel
+
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    outputs = ExitOutputs(torch.stack(model.all_exits(x)), torch.randint(10, (64,), generator=g))
+    latency = LatencyModel((1, 2), torch.tensor([[0.3, 0.6], [0.6, 1.2]], dtype=torch.float64),
+                           torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(3, 2))
+    monkeypatch.setattr(calibration, "time_exits", lambda *args, **kwargs: latency)
+    monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.zeros(2, len(sizes), dtype=torch.float64))
+    monkeypatch.setattr(calibration, "measure_shares", lambda model, policies, example, n, rounds, threads: (
+        [[floor if _leaves_first(p) else 0.7] * rounds for p in policies], [[1.0, 0.5] for _ in policies]))
+    monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
+    return model, outputs, x[:2]
+
+
+def test_whether_a_time_budget_can_be_met_is_decided_on_the_measured_floor(monkeypatch):
+    """The ladder puts every-sample-at-exit-1 at 0.3 of the full model's time; measured end to end
+    it takes 0.45: a budget of 0.4 is refused with 0.45 as the smallest feasible, and a feasible
+    fit prices the first exit at the measured floor."""
+    from eenet_fast.errors import BudgetError
+
+    model, outputs, example = _time_budget_setup(monkeypatch, floor=0.45)
+    with pytest.raises(BudgetError, match="takes 0.450 of the full model's time") as refused:
+        model.calibrate(outputs, 0.4, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
+    assert refused.value.smallest_feasible == pytest.approx(0.45)
+    policy = model.calibrate(outputs, 0.6, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
+    assert policy.latency.smallest_budgets()[2] == pytest.approx(0.45, rel=0.03)
+
+
+@pytest.mark.parametrize("second_error, passes", [(0.01, 2), (-0.1, 2)])
+def test_the_refit_policy_is_measured_again_and_corrected_once_more_if_it_missed(monkeypatch, second_error, passes):
+    """The first measurement corrects the model (factors 1.0 / 1.5) and the policy is refit; the
+    refit policy is measured once more: within 3 % of the budget of the prediction it stays (the
+    first factors kept), else the second measurement's factors (0.9 / 1.2) replace them and the
+    fits are repeated. Never a third measurement."""
+    from eenet_fast import calibration
+
+    model, outputs, example = _time_budget_setup(monkeypatch, floor=0.3)
+    measured = iter([(1.0, 1.5, 0.2), (0.9, 1.2, second_error)])
+    calls = []
+
+    def corrections(model, policy, example, latency):
+        calls.append(latency.correction)
+        return next(measured)
+
+    monkeypatch.setattr(calibration, "_corrections", corrections)
+    policy = model.calibrate(outputs, 0.6, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
+    assert calls == [1.0, 1.5][:passes]
+    kept = abs(second_error) <= 0.03 * 0.6
+    assert (policy.latency.first_factor, policy.latency.correction) == ((1.0, 1.5) if kept else (0.9, 1.2))
 
 
 def test_the_exit_mix_of_a_time_budget_is_chosen_on_the_time_model_not_one_reach_price():

@@ -1,5 +1,6 @@
 """The time model of a time budget: the ladder, the interpolated steps, the linearised costs, the timing."""
 
+import copy
 import math
 import sys
 import time
@@ -109,9 +110,16 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
         # sample at exit 1: the ladder priced it 25 % high
         return [[0.4 + 2.0 * 0.25 + d for d in disturbance], [0.4 + d for d in disturbance]], [[1.0, 0.5], [1.0, 0.0]]
 
+    def leaving_first(model, example, policy):
+        copied = copy.deepcopy(policy)
+        copied.thresholds = torch.full_like(policy.thresholds, -math.inf)
+        return copied
+
+    monkeypatch.setattr(calibration, "leaving_first", leaving_first)
     monkeypatch.setattr(calibration, "measure_shares", measured)
-    first, rest = calibration._corrections(None, policy, None, latency)
+    first, rest, error = calibration._corrections(None, policy, None, latency)
     assert first == pytest.approx(0.8) and rest == pytest.approx(2.0)
+    assert error == pytest.approx(0.9 - latency.predicted_fraction([1.0, 0.5]))  # measured less predicted
     assert latency.corrected(rest, first).predicted_fraction([1.0, 0.5]) == pytest.approx(0.9)
 
     # the later steps' share is the median of the two forwards' difference in each round (0.3, the
@@ -119,9 +127,11 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
     monkeypatch.setattr(calibration, "measure_shares", lambda *a: (
         [[0.7, 0.7, 0.7, 0.55, 0.55], [0.4, 0.4, 0.25, 0.25, 0.25]], [[1.0, 0.5], [1.0, 0.0]]))
     assert calibration._corrections(None, policy, None, latency)[1] == pytest.approx(1.2)
+    corrected = latency.corrected(1.2, 1.0)  # the error is against the model as it stands
+    assert calibration._corrections(None, policy, None, corrected)[2] == pytest.approx(0.7 - corrected.predicted_fraction([1.0, 0.5]))
 
     monkeypatch.setattr(calibration, "measure_shares", lambda *a: ([[0.6] * 5, [0.5] * 5], [[1.0, 0.01], [1.0, 0.0]]))
-    assert calibration._corrections(None, policy, None, latency) == pytest.approx((1.2, 1.2), rel=0.02)  # too few run on
+    assert calibration._corrections(None, policy, None, latency)[:2] == pytest.approx((1.2, 1.2), rel=0.02)  # too few run on
 
 
 def test_record_round_trip_and_bad_records():
