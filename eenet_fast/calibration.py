@@ -224,6 +224,7 @@ def _fit_for_time(
     # whole adaptive forwards against the full model on the example: what the steps timed apart
     # miss; the refitted policy is measured once more, and corrected again unless that holds
     for check in range(CORRECTION_PASSES):
+        fitted.latency = latency.planned(shares)  # the compaction plan its forwards follow
         first, rest, error = _corrections(model, fitted, example, latency)
         if check and abs(error) <= VERIFIED_ERROR * value:
             break
@@ -234,7 +235,8 @@ def _fit_for_time(
         fitted, shares = settle(shares)
         if not certified:
             shares = _most_accurate_in_time(fitted, outputs, latency, value)
-    fitted.budget, fitted.latency = value, latency  # fitted for the budget asked (or less, where the prediction overshot)
+    # fitted for the budget asked (or less, where the prediction overshot), with the plan for its reach
+    fitted.budget, fitted.latency = value, latency.planned(shares)
     warn_if_starved(fitted, outputs, latency, model, example)
     return fitted
 
@@ -270,12 +272,12 @@ def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: L
     run on, both factors are the policy's share's. Third, the policy's measured share less the one
     ``latency`` as it stands predicts for it (at the example's reach): how far the model missed."""
     bound = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
-    plain = latency.corrected(1.0)
+    plain, plan = latency.corrected(1.0), None if policy.latency is None else policy.latency.compact_after
     (shares, firsts), (example_reach, _) = measure_shares(
         model, [policy, leaving_first(model, example, policy)], example, latency.batch_size, CORRECTION_ROUNDS, latency.threads
     )
-    predicted, first_predicted = plain.predicted_fraction(example_reach), plain.predicted_fraction([1.0])
-    error = statistics.median(shares) - latency.predicted_fraction(example_reach)
+    predicted, first_predicted = plain.predicted_fraction(example_reach, plan=plan), plain.predicted_fraction([1.0])
+    error = statistics.median(shares) - latency.predicted_fraction(example_reach, plan=plan)
     if example_reach[1] < MIN_LATER_REACH:
         return (bound(statistics.median(shares) / predicted),) * 2 + (error,)
     first, later = bound(statistics.median(firsts) / first_predicted), predicted - first_predicted

@@ -182,14 +182,23 @@ class EarlyExitModel(nn.Module):
         backend = select_backend(self.backend, device)
         batch = batch_size(x)
         map_batch(lambda t: t, x, batch, "the input")  # the per-sample contract, checked before any work
-        state, (ids, history, out) = x, _start(batch, device)
+        # exits after which the leaving rows ride on to the next compaction instead of being gathered
+        # out (the time model's plan, where the gather costs more than running them): their id
+        # becomes `gone`, the outputs' spare row, which later exits write and nothing reads
+        riders = _riders(policy)
+        state, (ids, history, out), gone = x, _start(batch, device, spare=bool(riders)), batch
         for k in range(self.num_exits):
             if ids.numel() == 0:
                 break
             state, leave, history = self._exit(k, state, ids, history, policy, thresholds[k], heads[k], out)
-            if k < self.num_exits - 1:
+            if k in riders:
+                ids = ids.masked_fill(leave, gone)
+                if not bool((ids != gone).any()):  # every row has left: the one host read of this exit
+                    break
+            elif k < self.num_exits - 1:
                 state, ids, scores, predictions = backend.compact(
-                    ~leave, state, ids, history.scores, history.predictions, where=f"the output of stage {k}"
+                    ~leave & (ids != gone) if riders else ~leave, state, ids, history.scores, history.predictions,
+                    where=f"the output of stage {k}",
                 )
                 history = ExitHistory(scores, predictions)
         result = out.result(policy.num_classes)
@@ -269,21 +278,31 @@ class EarlyExitModel(nn.Module):
             )
 
 
+@torch.compiler.disable  # reads an attribute: no graph of its own under torch.compile
+def _riders(policy: Policy) -> frozenset[int]:
+    """The exits after which ``policy``'s time model plans no compaction (``LatencyModel.compact_after``)."""
+    plan = None if policy.latency is None else policy.latency.compact_after
+    return frozenset() if plan is None else frozenset(k for k, compacts in enumerate(plan) if not compacts)
+
+
 @torch.compiler.disable  # allocations only: no graph of their own under torch.compile
-def _start(batch: int, device: torch.device) -> tuple[torch.Tensor, ExitHistory, "_Results"]:
-    """The sample ids ``[B]``, the empty history and the outputs of a batch of ``batch`` samples."""
-    return torch.arange(batch, device=device), ExitHistory.empty(batch, device), _Results(batch, device)
+def _start(batch: int, device: torch.device, spare: bool = False) -> tuple[torch.Tensor, ExitHistory, "_Results"]:
+    """The sample ids ``[B]``, the empty history and the outputs of a batch of ``batch`` samples
+    (with a ``spare`` row after them for the rows that ride on after leaving)."""
+    return torch.arange(batch, device=device), ExitHistory.empty(batch, device), _Results(batch, device, spare)
 
 
 class _Results:
     """The outputs of :meth:`EarlyExitModel.forward` for ``batch`` samples, in input order, while
-    the exits write their leaving rows into them."""
+    the exits write their leaving rows into them; with ``spare``, one row more (index ``batch``)
+    that rows riding on after they left write to, cut off by :meth:`result`."""
 
-    def __init__(self, batch: int, device: torch.device) -> None:
-        self.logits: torch.Tensor | None = None  # [B, C] in the heads' dtype, allocated at the first exit
-        self.predictions = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.exits = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
+    def __init__(self, batch: int, device: torch.device, spare: bool = False) -> None:
+        self.batch, rows = batch, batch + int(spare)
+        self.logits: torch.Tensor | None = None  # [rows, C] in the heads' dtype, allocated at the first exit
+        self.predictions = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.exits = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros(rows, dtype=torch.bool, device=device)
 
     def write(self, backend: Any, k: int, leave: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor,
               prediction: torch.Tensor, nonfinite: torch.Tensor) -> None:
@@ -293,9 +312,11 @@ class _Results:
         backend.write_exited(leave, ids, logits, prediction, nonfinite, k,
                              self.logits, self.predictions, self.exits, self.nonfinite)
 
+    @torch.compiler.disable  # views of the outputs: no graph of their own under torch.compile
     def result(self, num_classes: int) -> ExitResult:
-        logits = self.logits if self.logits is not None else torch.empty(0, num_classes, device=self.exits.device)
-        return ExitResult(logits, self.predictions, self.exits, self.nonfinite)
+        n = self.batch
+        logits = self.logits[:n] if self.logits is not None else torch.empty(0, num_classes, device=self.exits.device)
+        return ExitResult(logits, self.predictions[:n], self.exits[:n], self.nonfinite[:n])
 
 
 def _one_batch(x: Any, inputs: dict[str, Any]) -> Any:

@@ -17,7 +17,11 @@ got (:attr:`LatencyModel.cpu_share`) and the ladder is timed again on one thread
 :class:`LatencyModel` holds those times. A step's time ``t_k(m)`` on ``m`` rows is interpolated
 linearly between the timed sizes (``t_k(0) = 0``: a stage no sample reaches does not run; the
 times are made non-decreasing in ``m``). At batch ``n``, with ``n_k`` samples reaching stage
-``k``, adaptive inference takes ``sum_k t_k(n_k)``, against ``T(n)`` for the full model.
+``k``, adaptive inference takes ``sum_k t_k(n_k)``, against ``T(n)`` for the full model. The
+compaction in each step is also timed apart (``compact_times``): where few samples leave an exit,
+gathering the others can cost more than running the leavers through the next stage, and
+:meth:`LatencyModel.plan` chooses, per exit, the cheaper (the leavers then ride on to the next
+compaction, and stage ``k`` runs on the rows kept by the last compaction before it).
 
 A policy is fitted with one cost per exit, so :meth:`LatencyModel.costs` prices each stage around
 the rows that reach it, ``m_k = reach_k * n`` (stage 0 always runs on all ``n``). By default at the
@@ -97,6 +101,13 @@ class LatencyModel:
         cpu_share: the CPU time the timing thread got over the wall time while timing (1.0 when
             the threads had their cores to themselves, and off the CPU); below
             :data:`BUSY_CPU_SHARE` other work competed for the cores.
+        compact_times: ``[K, L]`` float64 seconds of the compaction after each exit (of half the
+            rows; 0 after the last), part of ``exit_times``; ``None`` when not timed apart (every
+            plan compacts after every exit).
+        compact_after: the compaction plan the runtime follows, one flag per exit before the last
+            (``None``: compact after every exit). Where it is false, the rows leaving there are not
+            gathered out: they ride along to the next compaction, their results already written
+            (:meth:`plan` chooses it).
     """
 
     batch_sizes: tuple[int, ...]
@@ -107,6 +118,8 @@ class LatencyModel:
     threads: int = 1
     cpu_share: float = 1.0
     first_correction: float | None = None
+    compact_times: torch.Tensor | None = None
+    compact_after: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
@@ -124,6 +137,13 @@ class LatencyModel:
                 raise ValueError(f"correction must be a positive number, got {factor}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.compact_times is not None and (
+            self.compact_times.shape != self.exit_times.shape or not bool(torch.isfinite(self.compact_times).all())
+            or bool((self.compact_times < 0).any())
+        ):
+            raise ValueError(f"need compact_times [K, {num_sizes}] of finite seconds >= 0, got {list(self.compact_times.shape)}")
+        if self.compact_after is not None and len(self.compact_after) != self.exit_times.shape[0] - 1:
+            raise ValueError(f"need one compaction flag per exit before the last, got {len(self.compact_after)}")
         times_ok = torch.isfinite(self.exit_times).all() and torch.isfinite(self.full_times).all()
         if not (times_ok and (self.exit_times >= 0).all() and (self.full_times > 0).all()):
             raise ValueError("times must be finite, the exits' >= 0 and the full model's > 0")
@@ -168,11 +188,63 @@ class LatencyModel:
         a, b = self._segment(self.full_times, n)
         return a + b * n
 
-    def predicted_fraction(self, reach: Sequence[float], n: int | None = None) -> float:
+    def compact_time(self, k: int, m: float) -> float:
+        """Interpolated seconds of the compaction after exit ``k`` on ``m`` rows (0 when not timed apart)."""
+        if self.compact_times is None or m <= 0:
+            return 0.0
+        a, b = self._segment(self.compact_times[k], m)
+        return (a + b * m) * self.factor(k)
+
+    def predicted_fraction(self, reach: Sequence[float], n: int | None = None, plan: Sequence[bool] | None = None) -> float:
         """Predicted time of a batch of ``n`` (default: the serving batch) in which a share
-        ``reach[k]`` of the samples runs stage ``k``, as a fraction of the full model's time on it."""
+        ``reach[k]`` of the samples runs stage ``k``, as a fraction of the full model's time on it,
+        under the compaction ``plan`` (default: the model's own, ``compact_after``, else the best
+        one for this reach, :meth:`plan`)."""
         n = self.batch_size if n is None else n
-        return sum(self.exit_time(k, r * n) for k, r in enumerate(reach)) / self.full_time(n)
+        plan = plan if plan is not None else self.compact_after if self.compact_after is not None else self.plan(reach, n)
+        return self._planned_time(reach, n, plan) / self.full_time(n)
+
+    def _planned_time(self, reach: Sequence[float], n: float, plan: Sequence[bool]) -> float:
+        """Seconds of a batch of ``n`` at ``reach`` under ``plan``: stage ``k`` runs on the rows kept
+        by the last compaction before it, and a step without its compaction loses its time."""
+        total, rows = 0.0, float(n)
+        for k, r in enumerate(reach):
+            if k and plan[k - 1]:
+                rows = r * n
+            if r <= 0:
+                break
+            compacts = k < len(reach) - 1 and plan[k]
+            total += self.exit_time(k, rows) - (0.0 if compacts else self.compact_time(k, rows))
+        return total
+
+    def plan(self, reach: Sequence[float], n: int | None = None) -> tuple[bool, ...]:
+        """The compaction plan (one flag per exit before the last) of the least predicted time at
+        ``reach`` and batch ``n``: gather the kept rows after an exit, or let the few leaving rows
+        ride along to the next compaction, where that costs less than the gather. Dynamic
+        programming over the last compaction before each stage (``O(K^2)`` plans priced)."""
+        n = self.batch_size if n is None else n
+        num_exits = len(reach)
+        if self.compact_times is None or num_exits < 2:
+            return (True,) * (num_exits - 1)
+        # best[j]: (seconds, plan) of the steps so far, with the next stage running on the rows kept at exit j - 1
+        best = {0: (0.0, ())}
+        for k in range(num_exits - 1):
+            step: dict[int, tuple[float, tuple[bool, ...]]] = {}
+            for j, (seconds, flags) in best.items():
+                rows = reach[j] * n
+                run = self.exit_time(k, rows) if reach[k] > 0 else 0.0
+                for compacts, nxt in ((True, k + 1), (False, j)):
+                    cost = seconds + run - (0.0 if compacts or reach[k] <= 0 else self.compact_time(k, rows))
+                    if nxt not in step or cost < step[nxt][0]:
+                        step[nxt] = (cost, (*flags, compacts))
+            best = step
+        last = num_exits - 1
+        return min(((s + (self.exit_time(last, reach[j] * n) if reach[last] > 0 else 0.0), f) for j, (s, f) in best.items()),
+                   key=lambda c: c[0])[1]
+
+    def planned(self, reach: Sequence[float]) -> "LatencyModel":
+        """The model with :meth:`plan` at ``reach`` (and the serving batch) as the plan the runtime follows."""
+        return replace(self, compact_after=self.plan(reach))
 
     def costs(self, reach: Sequence[float] | None = None, n: int | None = None, *, marginal: bool = True) -> list[float]:
         """``K`` cumulative per-sample costs at batch ``n`` (default: the serving batch), as fractions
@@ -200,7 +272,7 @@ class LatencyModel:
 
     def smallest_budgets(self) -> dict[int, float]:
         """The smallest feasible time budget (every sample leaving at the first exit) at each timed batch size."""
-        return {n: self.exit_time(0, n) / self.full_time(n) for n in self.batch_sizes}
+        return {n: self.predicted_fraction([1.0], n, plan=()) for n in self.batch_sizes}  # no row kept: no gather
 
     def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
         """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
@@ -222,6 +294,8 @@ class LatencyModel:
             "first_correction": self.first_correction,
             "threads": self.threads,
             "cpu_share": self.cpu_share,
+            "compact_times": None if self.compact_times is None else self.compact_times.tolist(),
+            "compact_after": None if self.compact_after is None else list(self.compact_after),
         }
 
     @classmethod
@@ -236,6 +310,8 @@ class LatencyModel:
             int(record.get("threads", 1)),
             float(record.get("cpu_share", 1.0)),
             None if record.get("first_correction") is None else float(record["first_correction"]),
+            None if record.get("compact_times") is None else torch.tensor(record["compact_times"], dtype=torch.float64),
+            None if record.get("compact_after") is None else tuple(bool(f) for f in record["compact_after"]),
         )
 
 
@@ -386,6 +462,7 @@ def _time_ladder(
     # the share of the wall time this thread ran: 1 when the threads had their cores to themselves
     cpu_share = (time.thread_time() - cpu) / (time.perf_counter() - wall) if device.type == "cpu" else 1.0
     exit_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
+    compact_times = torch.empty(num_exits, len(sizes), dtype=torch.float64)
     full_times = torch.empty(len(sizes), dtype=torch.float64)
     spread = torch.empty(num_exits + 1, len(sizes), dtype=torch.float64)
     for i, n in enumerate(sizes):
@@ -393,13 +470,15 @@ def _time_ladder(
         # a step is the difference of the best forwards to its exit and to the one before (each the
         # least disturbed of its rounds; the best of the rounds' differences would be biased low)
         to_exit = torch.tensor(best[:num_exits], dtype=torch.float64).cummax(0).values
-        exit_times[:, i] = torch.diff(to_exit, prepend=to_exit.new_zeros(1)) + torch.tensor(best[num_exits + 1:])
+        compact_times[:, i] = torch.tensor(best[num_exits + 1:], dtype=torch.float64)
+        exit_times[:, i] = torch.diff(to_exit, prepend=to_exit.new_zeros(1)) + compact_times[:, i]
         full_times[i] = best[num_exits]
         steps = [[b - a for a, b in zip([0.0] * len(samples[n][0]) if k == 0 else samples[n][k - 1], samples[n][k])]
                  for k in range(num_exits)]
         for k, values in enumerate([*steps, samples[n][num_exits]]):
             spread[k, i] = _best_spread(values)[1]
-    return LatencyModel(sizes, exit_times, full_times, spread, threads=threads, cpu_share=min(cpu_share, 1.0))
+    return LatencyModel(sizes, exit_times, full_times, spread, threads=threads, cpu_share=min(cpu_share, 1.0),
+                        compact_times=compact_times)
 
 
 def reach(exits: torch.Tensor, num_exits: int) -> list[float]:

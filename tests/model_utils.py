@@ -32,3 +32,13 @@ def simulate(model, x):
     exits = model.policy.assign(outputs)
     logits = outputs.logits.gather(0, exits[None, :, None].expand(1, -1, C))[0]
     return exits, logits
+
+
+def with_plan(policy, plan):
+    """``policy`` with a time model whose compaction plan is ``plan`` (``None``: compact after every exit)."""
+    from eenet_fast.timing import LatencyModel
+
+    ones = torch.ones(K, 1, dtype=torch.float64)
+    policy.latency = None if plan is None else LatencyModel((1,), ones, torch.ones(1, dtype=torch.float64), torch.zeros(K + 1, 1),
+                                                            compact_after=tuple(plan))
+    return policy

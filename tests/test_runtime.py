@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_utils import C, D, K, mlp_model, random_policy, simulate
+from model_utils import C, D, K, mlp_model, random_policy, simulate, with_plan
 from torch import nn
 
 from eenet_fast import InputError, make_policy
@@ -22,9 +22,12 @@ MODEL = mlp_model()
     seed=st.integers(0, 10_000),
     budget_frac=st.floats(0.0, 1.0),
     batch=st.sampled_from([0, 1, 2, 7, 33, 256]),
+    plan=st.sampled_from([None, (True, True), (False, True), (True, False), (False, False)]),
 )
-def test_forward_equals_offline_simulation_and_each_sample_alone(name, seed, budget_frac, batch):
-    random_policy(MODEL, name, seed, budget_frac)
+def test_forward_equals_offline_simulation_and_each_sample_alone(name, seed, budget_frac, batch, plan):
+    """Whether the leaving rows are gathered out after an exit or ride on (the time model's
+    compaction plan), every sample gets the offline simulation's exit and logits."""
+    with_plan(random_policy(MODEL, name, seed, budget_frac), plan)
     x = torch.randn(batch, D, generator=torch.Generator().manual_seed(seed + 1))
     result = MODEL(x)
     exits, logits = simulate(MODEL, x) if batch else (torch.empty(0, dtype=torch.long), torch.empty(0, C))
@@ -59,13 +62,14 @@ class DictHead(nn.Module):
         return self.lin(state["h"]) * state["scale"]
 
 
+@pytest.mark.parametrize("plan", [None, (False, True)])
 @pytest.mark.parametrize("batch", [1, 9, 64])
-def test_dict_stage_outputs_are_compacted_together(batch):
+def test_dict_stage_outputs_are_compacted_together(batch, plan):
     torch.manual_seed(0)
     model = EarlyExitModel([DictStage() for _ in range(K)], [DictHead() for _ in range(K)]).eval()
     random_policy_inputs = {"h": torch.randn(64, D), "mask": torch.rand(64), "scale": torch.tensor(2.0)}
     outputs = ExitOutputs(torch.stack(model.all_exits(random_policy_inputs)), torch.randint(C, (64,)), [1.0, 2.0, 3.0])
-    model.policy = make_policy("maxprob").fit(outputs, 2.0)
+    model.policy = with_plan(make_policy("maxprob").fit(outputs, 2.0), plan)
     g = torch.Generator().manual_seed(batch)
     x = {"h": torch.randn(batch, D, generator=g), "mask": torch.rand(batch, generator=g), "scale": torch.tensor(2.0)}
     result = model(x)
@@ -74,6 +78,22 @@ def test_dict_stage_outputs_are_compacted_together(batch):
     for i in range(batch):
         alone = {"h": x["h"][i : i + 1], "mask": x["mask"][i : i + 1], "scale": x["scale"]}
         torch.testing.assert_close(model(alone).logits[0], result.logits[i])
+
+
+def test_rows_riding_on_stop_the_forward_once_every_sample_has_left():
+    """With no compaction planned, the rows leaving at exit 1 ride on; once every row has left, no
+    later stage runs, and the outputs hold the batch's rows only."""
+    model = mlp_model()
+    calls = []
+    model.stages[1].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    policy = with_plan(random_policy(model, "maxprob", 0, 0.5), (False, False))
+    x = torch.randn(9, D)
+    calls.clear()  # (fitting the policy ran every stage)
+    policy.thresholds = torch.tensor([-float("inf"), 0.0, 0.0])  # every sample leaves at exit 1
+    result = model(x)
+    assert calls == [] and (result.exits == 0).all() and result.logits.shape == (9, C) and result.predictions.shape == (9,)
+    policy.thresholds = torch.tensor([float("inf"), -float("inf"), 0.0])  # none leaves at exit 1: all run stage 2
+    assert (model(x).exits == 1).all() and calls == [9]
 
 
 def test_nan_rows_never_leave_early_and_are_reported():

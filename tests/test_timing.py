@@ -2,6 +2,7 @@
 
 import copy
 import math
+from dataclasses import replace
 import sys
 import time
 
@@ -160,11 +161,45 @@ def test_time_exits_times_every_step_at_every_size():
     # a later step is a difference of two timed forwards: on a busy machine a tiny one can read as 0
     assert (latency.exit_times[0] > 0).all() and (latency.exit_times >= 0).all()
     assert (latency.full_times > 0).all() and (latency.spread >= 0).all()
+    compactions = latency.compact_times  # part of the steps, timed apart; none after the last exit
+    assert compactions.shape == (3, 4) and (compactions >= 0).all() and (compactions[-1] == 0).all()
+    assert (compactions <= latency.exit_times + 1e-12).all() and latency.compact_after is None
     costs = latency.costs()
     assert len(costs) == 3 and all(math.isfinite(c) and c > 0 for c in costs)
     assert all(a <= b for a, b in zip(costs, costs[1:]))
     with pytest.raises(RuntimeError, match="model.eval"):
         time_exits(model.train(), torch.randn(3, 1, 28, 28), progress=False)
+
+
+def _with_gathers(gather_after_first: float) -> LatencyModel:
+    """Three steps linear in their rows (1.0, 0.1 and 1.0 s per row, the first plus its gather),
+    the full model 3 s per row; the gather after exit 1 costs ``gather_after_first`` s per row."""
+    sizes = (1, 2, 4, 8)
+    per_row = lambda rates: torch.tensor([[r * m for m in sizes] for r in rates], dtype=torch.float64)  # noqa: E731
+    base = _model(per_row([1.0 + gather_after_first, 0.1, 1.0]).tolist(), [3.0 * m for m in sizes], sizes)
+    return replace(base, compact_times=per_row([gather_after_first, 0.0, 0.0]))
+
+
+def test_the_compaction_plan_lets_few_leaving_rows_ride_on_where_the_gather_costs_more():
+    dear = _with_gathers(0.5)  # at batch 8: the gather after exit 1 costs 4 s, stage 2 0.1 s per row
+    # 10 % leave at exit 1: gathering the other 90 % (4 s) costs more than running 10 % more rows in stage 2
+    assert dear.plan([1.0, 0.9, 0.9]) == (False, True)
+    assert dear.predicted_fraction([1.0, 0.9, 0.9]) == pytest.approx((8.0 + 0.8 + 7.2) / 24)
+    assert dear.predicted_fraction([1.0, 0.9, 0.9], plan=(True, True)) == pytest.approx((12.0 + 0.72 + 7.2) / 24)
+    assert dear.smallest_budgets()[8] == pytest.approx(8.0 / 24)  # every sample leaving first: nothing to gather
+    cheap = _with_gathers(0.05)
+    assert cheap.plan([1.0, 0.1, 0.1]) == (True, True)  # 90 % leave: gather the 10 %
+    assert cheap.plan([1.0, 0.9, 0.9]) == (False, True)
+    assert _model([[1.0] * 4] * 3, [3.0] * 4).plan([1.0, 0.9, 0.9]) == (True, True)  # gathers not timed apart
+    planned = dear.planned([1.0, 0.9, 0.9])  # the runtime's plan, and the one predictions use
+    assert planned.compact_after == (False, True)
+    assert planned.predicted_fraction([1.0, 0.1, 0.1]) == pytest.approx(dear.predicted_fraction([1.0, 0.1, 0.1], plan=(False, True)))
+    again = LatencyModel.from_record(planned.record())
+    assert again.compact_after == (False, True) and torch.equal(again.compact_times, planned.compact_times)
+    with pytest.raises(ValueError, match="compact_times"):
+        replace(dear, compact_times=dear.compact_times[:2])
+    with pytest.raises(ValueError, match="one compaction flag per exit"):
+        replace(dear, compact_after=(True,))
 
 
 def test_decision_times_cover_every_exit_and_size():
