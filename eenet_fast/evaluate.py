@@ -34,7 +34,8 @@ class Evaluation:
         time: for a time budget (``policy.latency``): the serving ``batch_size``, the
             ``predicted_time_share`` of the full model's time for these exits at that batch size,
             the ``smallest_budget`` feasible there, and the model's end-to-end ``correction`` of the
-            later exits' steps and ``first_correction`` of the first exit's;
+            later exits' steps and ``first_correction`` of the first exit's, and the compaction
+            plan ``compact_after`` (a flag per exit before the last, ``None``: after every exit);
             ``None`` otherwise.
     """
 
@@ -130,6 +131,7 @@ def _time_record(latency: LatencyModel, exits: torch.Tensor, num_exits: int) -> 
         "smallest_budget": latency.smallest_budgets()[latency.batch_size],
         "correction": latency.correction,
         "first_correction": latency.first_factor,
+        "compact_after": None if latency.compact_after is None else list(latency.compact_after),
     }
 
 

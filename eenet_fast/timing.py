@@ -204,9 +204,18 @@ class LatencyModel:
         plan = plan if plan is not None else self.compact_after if self.compact_after is not None else self.plan(reach, n)
         return self._planned_time(reach, n, plan) / self.full_time(n)
 
+    def step_time(self, k: int, rows: float, kept: float | None) -> float:
+        """Seconds of exit ``k``'s step on ``rows`` rows whose compaction gathers ``kept`` of them
+        (``None``: no compaction, the leavers ride on). The compaction was timed gathering half
+        of the rows; its time is taken as proportional to the rows gathered (none kept: none)."""
+        if rows <= 0:
+            return 0.0
+        gather = self.compact_time(k, rows)
+        return self.exit_time(k, rows) - gather + (0.0 if kept is None else gather * 2 * min(kept, rows) / rows)
+
     def _planned_time(self, reach: Sequence[float], n: float, plan: Sequence[bool]) -> float:
         """Seconds of a batch of ``n`` at ``reach`` under ``plan``: stage ``k`` runs on the rows kept
-        by the last compaction before it, and a step without its compaction loses its time."""
+        by the last compaction before it (:meth:`step_time`)."""
         total, rows = 0.0, float(n)
         for k, r in enumerate(reach):
             if k and plan[k - 1]:
@@ -214,7 +223,7 @@ class LatencyModel:
             if r <= 0:
                 break
             compacts = k < len(reach) - 1 and plan[k]
-            total += self.exit_time(k, rows) - (0.0 if compacts else self.compact_time(k, rows))
+            total += self.step_time(k, rows, reach[k + 1] * n if compacts else None)
         return total
 
     def plan(self, reach: Sequence[float], n: int | None = None) -> tuple[bool, ...]:
@@ -226,20 +235,19 @@ class LatencyModel:
         num_exits = len(reach)
         if self.compact_times is None or num_exits < 2:
             return (True,) * (num_exits - 1)
-        # best[j]: (seconds, plan) of the steps so far, with the next stage running on the rows kept at exit j - 1
+        # best[j]: (seconds, plan) of the steps so far, the next stage running on the rows kept at exit j - 1
         best = {0: (0.0, ())}
         for k in range(num_exits - 1):
             step: dict[int, tuple[float, tuple[bool, ...]]] = {}
             for j, (seconds, flags) in best.items():
-                rows = reach[j] * n
-                run = self.exit_time(k, rows) if reach[k] > 0 else 0.0
+                rows = reach[j] * n if reach[k] > 0 else 0.0  # no sample reaches stage k: it does not run
                 for compacts, nxt in ((True, k + 1), (False, j)):
-                    cost = seconds + run - (0.0 if compacts or reach[k] <= 0 else self.compact_time(k, rows))
+                    cost = seconds + self.step_time(k, rows, reach[k + 1] * n if compacts else None)
                     if nxt not in step or cost < step[nxt][0]:
                         step[nxt] = (cost, (*flags, compacts))
             best = step
         last = num_exits - 1
-        return min(((s + (self.exit_time(last, reach[j] * n) if reach[last] > 0 else 0.0), f) for j, (s, f) in best.items()),
+        return min(((s + (self.step_time(last, reach[j] * n, None) if reach[last] > 0 else 0.0), f) for j, (s, f) in best.items()),
                    key=lambda c: c[0])[1]
 
     def planned(self, reach: Sequence[float]) -> "LatencyModel":
@@ -256,14 +264,17 @@ class LatencyModel:
         reach = [1.0] + [0.5] * (self.num_exits - 1) if reach is None else [1.0, *reach[1:]]
         if len(reach) != self.num_exits:
             raise InputError(f"reach needs one share per exit ({self.num_exits}), got {len(reach)}")
-        fixed, per_sample = self.exit_time(0, n), [0.0]
+        # the gather after the first exit is paid per row kept (:meth:`step_time`; timed gathering half)
+        gather = self.compact_time(0, n)
+        fixed, per_sample = self.step_time(0, n, 0.0), [0.0]
         for k in range(1, self.num_exits):
             m = max(min(float(reach[k]), 1.0) * n, 1e-6)  # below one row: the [0, 1] segment, a whole stage
             a, b = self._segment(self.exit_times[k], m)
+            kept = gather / (n / 2) if k == 1 else 0.0
             if marginal and a >= 0:
-                fixed, per_sample = fixed + a * self.factor(k), [*per_sample, b * self.factor(k)]
+                fixed, per_sample = fixed + a * self.factor(k), [*per_sample, b * self.factor(k) + kept]
             else:
-                per_sample.append(self.exit_time(k, m) / m)
+                per_sample.append(self.exit_time(k, m) / m + kept)
         full = self.full_time(n)
         costs = [(fixed + n * c) / full for c in torch.tensor(per_sample, dtype=torch.float64).cumsum(0).tolist()]
         for k in range(1, len(costs)):  # a flat segment would tie two exits: costs must rise

@@ -133,7 +133,8 @@ def test_evaluate_and_the_table_show_what_a_time_budget_predicts():
     result = evaluate(policy, outputs)
     reach = [1.0, float((result.exits >= 1).double().mean())]
     assert result.time == {"batch_size": 2, "predicted_time_share": pytest.approx(policy.latency.predicted_fraction(reach)),
-                           "smallest_budget": pytest.approx(0.4), "correction": 1.0, "first_correction": 1.0}
+                           "smallest_budget": pytest.approx(0.4), "correction": 1.0, "first_correction": 1.0,
+                           "compact_after": None}
     table = format_table([result.record() | {"val_avg_cost": 0.7}])
     assert "predicted time share" in table and f"{result.time['predicted_time_share']:.3f}" in table
 

@@ -181,12 +181,14 @@ def _with_gathers(gather_after_first: float) -> LatencyModel:
 
 
 def test_the_compaction_plan_lets_few_leaving_rows_ride_on_where_the_gather_costs_more():
-    dear = _with_gathers(0.5)  # at batch 8: the gather after exit 1 costs 4 s, stage 2 0.1 s per row
-    # 10 % leave at exit 1: gathering the other 90 % (4 s) costs more than running 10 % more rows in stage 2
+    dear = _with_gathers(0.5)  # at batch 8: the gather after exit 1 costs 1 s per row kept, stage 2 0.1 s per row
+    # 10 % leave at exit 1: gathering the other 90 % (7.2 s) costs more than running 10 % more rows in stage 2
     assert dear.plan([1.0, 0.9, 0.9]) == (False, True)
     assert dear.predicted_fraction([1.0, 0.9, 0.9]) == pytest.approx((8.0 + 0.8 + 7.2) / 24)
-    assert dear.predicted_fraction([1.0, 0.9, 0.9], plan=(True, True)) == pytest.approx((12.0 + 0.72 + 7.2) / 24)
+    assert dear.predicted_fraction([1.0, 0.9, 0.9], plan=(True, True)) == pytest.approx((8.0 + 7.2 + 0.72 + 7.2) / 24)
+    assert dear.step_time(0, 8, 4) == pytest.approx(12.0)  # as timed: half of the rows gathered
     assert dear.smallest_budgets()[8] == pytest.approx(8.0 / 24)  # every sample leaving first: nothing to gather
+    assert dear.costs()[0] == pytest.approx(8.0 / 24)  # and the first exit's cost in a fit is that floor
     cheap = _with_gathers(0.05)
     assert cheap.plan([1.0, 0.1, 0.1]) == (True, True)  # 90 % leave: gather the 10 %
     assert cheap.plan([1.0, 0.9, 0.9]) == (False, True)
