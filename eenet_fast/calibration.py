@@ -257,8 +257,12 @@ def _measured_floor(model: EarlyExitModel, policy: Policy | None, example: Any, 
     0.31-0.33 over eight measurements."""
     (floor,), _ = measure_shares(model, [leaving_first(model, example, policy)], example, latency.batch_size,
                                  CORRECTION_ROUNDS, latency.threads)
-    factor = statistics.median(floor) / latency.corrected(1.0).predicted_fraction([1.0])
-    return latency.corrected(latency.correction, min(max(factor, 0.5), 2.0))
+    return latency.corrected(latency.correction, _bounded(statistics.median(floor) / latency.corrected(1.0).predicted_fraction([1.0])))
+
+
+def _bounded(factor: float) -> float:
+    """A correction factor kept within [0.5, 2]: a measurement further off is not trusted further."""
+    return min(max(factor, 0.5), 2.0)
 
 
 def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: LatencyModel) -> tuple[float, float, float]:
@@ -271,7 +275,6 @@ def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: L
     disturbs a round slows both forwards. When fewer than :data:`MIN_LATER_REACH` of the samples
     run on, both factors are the policy's share's. Third, the policy's measured share less the one
     ``latency`` as it stands predicts for it (at the example's reach): how far the model missed."""
-    bound = lambda f: min(max(f, 0.5), 2.0)  # noqa: E731
     plain, plan = latency.corrected(1.0), None if policy.latency is None else policy.latency.compact_after
     (shares, firsts), (example_reach, _) = measure_shares(
         model, [policy, leaving_first(model, example, policy)], example, latency.batch_size, CORRECTION_ROUNDS, latency.threads
@@ -279,9 +282,9 @@ def _corrections(model: EarlyExitModel, policy: Policy, example: Any, latency: L
     predicted, first_predicted = plain.predicted_fraction(example_reach, plan=plan), plain.predicted_fraction([1.0])
     error = statistics.median(shares) - latency.predicted_fraction(example_reach, plan=plan)
     if example_reach[1] < MIN_LATER_REACH:
-        return (bound(statistics.median(shares) / predicted),) * 2 + (error,)
-    first, later = bound(statistics.median(firsts) / first_predicted), predicted - first_predicted
-    rest = bound(statistics.median(s - f for s, f in zip(shares, firsts)) / later) if later > 0 else first
+        return (_bounded(statistics.median(shares) / predicted),) * 2 + (error,)
+    first, later = _bounded(statistics.median(firsts) / first_predicted), predicted - first_predicted
+    rest = _bounded(statistics.median(s - f for s, f in zip(shares, firsts)) / later) if later > 0 else first
     return first, rest, error
 
 

@@ -69,7 +69,7 @@ from eenet_fast.threads import torch_threads
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times", "leaving_first", "runnable_copy"]
+__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times", "leaving_first"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -521,7 +521,7 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
     back after); ``compact_half(k, state)``: the compaction after exit ``k`` of every other row of
     the stage output ``state`` with its ids and history."""
     backend = select_backend(model.backend, model.device)
-    stand_in = runnable_copy(model, x, policy)
+    stand_in = _runnable_copy(model, x, policy)
     forced = {k: torch.tensor([math.inf] * k + [-math.inf] * (model.num_exits - k), device=model.device)
               for k in range(model.num_exits)}
 
@@ -540,7 +540,7 @@ def _runners(model: EarlyExitModel, x: Any, policy: Policy | None) -> tuple[Call
 
 
 @torch.no_grad()
-def runnable_copy(model: EarlyExitModel, x: Any, policy: Policy | None = None) -> Policy:
+def _runnable_copy(model: EarlyExitModel, x: Any, policy: Policy | None = None) -> Policy:
     """A copy of ``policy`` (default: the max-score decision) that runs in ``model``'s forward on
     batches like ``x`` once its ``thresholds`` (``[K]``) are set."""
     copied = copy.deepcopy(policy) if policy is not None else make_policy("maxprob")
@@ -549,9 +549,9 @@ def runnable_copy(model: EarlyExitModel, x: Any, policy: Policy | None = None) -
 
 
 def leaving_first(model: EarlyExitModel, x: Any, policy: Policy | None = None) -> Policy:
-    """:func:`runnable_copy` of ``policy`` that sends every sample out at the first exit: the
+    """:func:`_runnable_copy` of ``policy`` that sends every sample out at the first exit: the
     fastest adaptive forward, whose time share is the smallest feasible time budget."""
-    copied = runnable_copy(model, x, policy)
+    copied = _runnable_copy(model, x, policy)
     copied.thresholds = torch.full((model.num_exits,), -math.inf, device=model.device)
     return copied
 
