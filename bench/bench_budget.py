@@ -5,8 +5,8 @@ resnet`` for the ResNet example; ``--load`` adds a competing CPU load; ``--quick
 For each batch size (1, 8, 32, 256, 1024) and time budget (0.4, 0.5, 0.7) the policy (EENet by
 default) is calibrated with ``costs="latency", batch_size=n`` on the validation outputs, then the
 test images run in batches of ``n`` through the full model and the adaptive model in interleaved
-rounds (each batch through both models back to back): the ratio is the median over the rounds of
-adaptive / full time (with its interquartile range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
+rounds: the ratio is the median over the rounds of adaptive / full time (with its interquartile
+range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
 can meet at a batch size is reported with the smallest feasible budget there.
 
 ``--load`` starts a competing process (one thread of matrix products, bounded in time, stopped at the
@@ -92,35 +92,21 @@ def background_load(seconds: float, on: bool) -> Iterator[None]:
 
 
 def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> tuple[float, float, torch.Tensor]:
-    """Median and interquartile range over rounds of adaptive / full time, and the exits.
-
-    Each batch runs through both models back to back (the first of the two alternates from round to
-    round), and a round's ratio is its summed adaptive time over its summed full time: a busy spell
-    of the shared machine slows both sides of a pair instead of one side of a whole round.
-    """
+    """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits."""
     batches = list(x.split(batch))
     sync = synchronizer(x.device)
     ratios, exits = [], None
-
-    def timed(fn: Any, b: torch.Tensor) -> tuple[float, Any]:
-        start = time.perf_counter()
-        out = fn(b)
-        sync()
-        return time.perf_counter() - start, out
-
     with torch.no_grad():
         for r in range(rounds + 1):
-            t_full = t_adaptive = 0.0
-            results = []
+            start = time.perf_counter()
             for b in batches:
-                if r % 2:
-                    t_a, res = timed(model, b)
-                    t_f, _ = timed(full, b)
-                else:
-                    t_f, _ = timed(full, b)
-                    t_a, res = timed(model, b)
-                t_full, t_adaptive = t_full + t_f, t_adaptive + t_a
-                results.append(res)
+                full(b)
+            sync()
+            t_full = time.perf_counter() - start
+            start = time.perf_counter()
+            results = [model(b) for b in batches]
+            sync()
+            t_adaptive = time.perf_counter() - start
             if r:  # the first round warms up
                 ratios.append(t_adaptive / t_full)
             exits = torch.cat([res.exits for res in results])
