@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import torch
 from tabulate import tabulate
 
-from eenet_fast import evaluate
+from eenet_fast import evaluate, steady_allocator
 from eenet_fast.evaluate import check_exits
 from eenet_fast.errors import BudgetError
 from eenet_fast.threads import torch_threads
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    steady_allocator()  # else time shares at large batches switch between two levels (eenet_fast.allocator)
     setup = _demo_cnn() if args.model == "cnn" else _resnet()
     if args.device != "cpu":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

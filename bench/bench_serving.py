@@ -52,6 +52,7 @@ sys.path[:0] = [str(BENCH), str(REPO / "examples")]
 
 from serving_load import Batcher, poisson_times, run_http, run_threaded, summarize  # noqa: E402
 
+from eenet_fast.allocator import steady_allocator  # noqa: E402
 from eenet_fast.engine import ExitEngine  # noqa: E402
 from eenet_fast.runtime import EarlyExitModel, ExitResult  # noqa: E402
 from eenet_fast.timing import full_pass  # noqa: E402
@@ -369,6 +370,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    steady_allocator()  # as the servers run (eenet_fast.allocator)
     model, policy, images, labels = prepare(args.model, args.costs, args.max_batch)
     pool = images[:8192].contiguous()
     with torch.no_grad():

@@ -6,6 +6,7 @@ outputs and evaluated on test outputs (:func:`evaluate`, :func:`compare`). The r
 :func:`wrap`, turns a multi-exit model into an :class:`EarlyExitModel` whose forward really stops.
 """
 
+from eenet_fast.allocator import steady_allocator
 from eenet_fast.batch import Shared
 from eenet_fast.errors import BudgetError, EENetError, FileFormatError, InputError, PolicyError
 from eenet_fast.evaluate import Evaluation, compare, evaluate
@@ -45,4 +46,5 @@ __all__ = [
     "FileFormatError",
     "PolicyError",
     "BudgetError",
+    "steady_allocator",
 ]

@@ -20,6 +20,7 @@ from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
+from eenet_fast.allocator import allocator_is_steady
 from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, leaving_first, measure_shares, reach, time_exits
 
 if TYPE_CHECKING:
@@ -184,6 +185,15 @@ def _fit_for_time(
     left the refit policy at 0.44 of the full model's time). After each round of fits the exit mix is chosen on the time model itself
     (:func:`_most_accurate_in_time`; not for a ``certified`` policy, whose thresholds are the
     certified ones). The policy keeps the model as ``policy.latency``."""
+    if model.device.type == "cpu" and not allocator_is_steady():
+        warnings.warn(
+            "glibc gives the memory of freed activations back to the system and faults it in again on the next "
+            "forward, by a threshold that moves as the process runs: time shares measured on the CPU can switch "
+            "between two levels (the ResNet example at batch 1024: 0.34 or 0.46 for its first exit), and a budget "
+            "calibrated in one misses in the other. Call eenet_fast.steady_allocator() once, before calibrating "
+            "and in the process that serves (or preload jemalloc/tcmalloc)",
+            stacklevel=3,
+        )
     latency = _measured_floor(model, None, example, time_exits(model, example, batch_size, progress=progress))
     value = check_time_budget(budget, latency)
     smallest = latency.smallest_budgets()[latency.batch_size]

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from eenet_fast.allocator import steady_allocator
 from eenet_fast.datasets import load_fashion_mnist
 from eenet_fast.evaluate import check_exits, compare, evaluate
 from eenet_fast.files import write_atomic
@@ -142,6 +143,7 @@ def check_config(cfg: DemoConfig) -> None:
 def prepare_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoParts:
     """Load the data, train (or load the cached) model and collect (or load) its exit outputs."""
     check_config(cfg)
+    steady_allocator()  # the demo times its exits and serves in this process: keep freed CPU memory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_fashion_mnist(cfg.data)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from eenet_fast.allocator import steady_allocator
 from eenet_fast.engine import EngineClosed, EngineOverloaded, ExitEngine
 from eenet_fast.http_io import BadRequest, answer_json, input_dtypes, parse_request
 from eenet_fast.runtime import EarlyExitModel, ExitResult
@@ -120,6 +121,7 @@ class EarlyExitServer:
                  threads: int | None = 1, max_body_bytes: int = 16 << 20, drain_s: float = 30.0) -> None:
         if threads:
             torch.set_num_threads(threads)
+        steady_allocator()  # steady time per stage, as the policy's time model was calibrated (eenet_fast.allocator)
         self.model, example = load_model(factory, policy)
         self.engine = ExitEngine(self.model, example=example, **(engine or {}))
         self.dtypes = input_dtypes(example)

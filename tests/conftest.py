@@ -11,7 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from eenet_fast import steady_allocator  # noqa: E402
 from eenet_fast.synthetic import make_synthetic_outputs  # noqa: E402
+
+steady_allocator()  # as the demo and the servers run (tests of the warning without it patch it out)
 
 
 @pytest.fixture(scope="session")
