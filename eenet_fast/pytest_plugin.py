@@ -15,6 +15,11 @@ Each round runs the full model over every batch, then the adaptive model (``mode
 passes as the test's statistics (``benchmark.pedantic``; the full passes run in its untimed
 ``setup``); the report's numbers go to ``benchmark.extra_info``. With ``--benchmark-disable``
 each model runs once and the report holds that one round.
+
+On the CPU, call :func:`eenet_fast.steady_allocator` once in the benchmark session (a
+``conftest.py``), as in the process that calibrated the policy: with glibc's defaults a batch's
+activations fault their pages in again on some forwards and not others, and the time shares switch
+between two levels at large batches (:mod:`eenet_fast.allocator`).
 """
 
 from __future__ import annotations
