@@ -38,8 +38,9 @@ def test_a_large_tensor_comes_from_the_heap_and_its_memory_stays_after_it_is_fre
     assert during.uordblks - before.uordblks >= x.numel() * 4
     del x
     after = _mallinfo()
-    assert after.fordblks - before.fordblks >= (16 << 20) * 4 * 0.99  # kept as free heap, not given back
-    assert after.arena >= during.arena
+    assert after.arena >= during.arena  # the heap did not shrink: the block was not given back
+    # free in the heap now (in the whole suite the allocations around the test take a little of it)
+    assert after.fordblks - before.fordblks >= (16 << 20) * 4 * 0.9
 
 
 @pytest.mark.parametrize("environment, steady", [
