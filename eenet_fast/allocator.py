@@ -23,6 +23,7 @@ shrink back; 0.73 GB instead of 0.62 GB for the ResNet run above). Preloading je
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -31,6 +32,13 @@ __all__ = ["steady_allocator", "allocator_is_steady"]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free top of the heap it keeps
 _applied = False
+
+
+@functools.cache
+def has_glibc() -> bool:
+    """Whether this process runs on glibc, whose ``mallopt`` this module sets (read once: Python finds
+    out by scanning its own executable)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def steady_allocator() -> bool:
@@ -46,7 +54,7 @@ def steady_allocator() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     libc = ctypes.CDLL(None)
     _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
@@ -57,7 +65,7 @@ def allocator_is_steady() -> bool:
     """Whether freed CPU memory stays in the process: :func:`steady_allocator` was called, glibc's
     own settings (``MALLOC_MMAP_MAX_``, ``GLIBC_TUNABLES`` with ``mmap_max``) or a preloaded
     jemalloc/tcmalloc do it, or there is no glibc to ask."""
-    if _applied or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _applied or not has_glibc():
         return True
     preload = os.environ.get("LD_PRELOAD", "")
     return ("MALLOC_MMAP_MAX_" in os.environ or "mmap_max" in os.environ.get("GLIBC_TUNABLES", "")

@@ -1,7 +1,6 @@
 """steady_allocator(): freed CPU memory stays in the process, and a time calibration without it says so."""
 
 import ctypes
-import platform
 import warnings
 
 import pytest
@@ -12,8 +11,7 @@ from eenet_fast import steady_allocator, wrap
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.zoo import MultiExitCNN
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="mallopt and mallinfo2 are glibc's")
+glibc = pytest.mark.skipif(not allocator.has_glibc(), reason="mallopt and mallinfo2 are glibc's")
 
 
 class _MallInfo2(ctypes.Structure):
