@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,11 +38,11 @@ from typing import Any, Iterator
 import torch
 from tabulate import tabulate
 
-from eenet_fast import evaluate, steady_allocator
+from eenet_fast import evaluate, measure_speed, steady_allocator
 from eenet_fast.evaluate import check_exits
 from eenet_fast.errors import BudgetError
 from eenet_fast.threads import torch_threads
-from eenet_fast.timing import reach, synchronizer
+from eenet_fast.timing import reach
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES, BUDGETS = (1, 8, 32, 256, 1024), (0.4, 0.5, 0.7)
@@ -94,24 +93,9 @@ def background_load(seconds: float, on: bool) -> Iterator[None]:
 def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> tuple[float, float, torch.Tensor]:
     """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits."""
     batches = list(x.split(batch))
-    sync = synchronizer(x.device)
-    ratios, exits = [], None
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            start = time.perf_counter()
-            for b in batches:
-                full(b)
-            sync()
-            t_full = time.perf_counter() - start
-            start = time.perf_counter()
-            results = [model(b) for b in batches]
-            sync()
-            t_adaptive = time.perf_counter() - start
-            if r:  # the first round warms up
-                ratios.append(t_adaptive / t_full)
-            exits = torch.cat([res.exits for res in results])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return q[1], q[2] - q[0], exits
+    speed, results = measure_speed(lambda: [model(b) for b in batches], lambda: [full(b) for b in batches],
+                                   rounds=rounds, device=x.device)
+    return speed.share, speed.share_iqr, torch.cat([res.exits for res in results])
 
 
 def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: tuple[float, ...], load: bool, rounds: int) -> list[dict]:

@@ -16,6 +16,7 @@ from eenet_fast.features import ExitFeatures, exit_features
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy
 from eenet_fast.runtime import EarlyExitModel, ExitResult
+from eenet_fast.speed import Speed, measure_speed
 from eenet_fast.training import fit_exits
 from eenet_fast.wrapping import wrap
 
@@ -47,4 +48,6 @@ __all__ = [
     "PolicyError",
     "BudgetError",
     "steady_allocator",
+    "Speed",
+    "measure_speed",
 ]

@@ -142,13 +142,13 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
     summary = run_demo(cfg, log=click.echo)
     click.echo(format_table(summary["records"]))
     s = summary["speed"]
-    share = 1 / s["speedup"]
-    pace = f"{s['speedup']:.2f}x faster" if s["speedup"] >= 1 else f"{share:.2f}x slower"
+    share = s["time_share"]
+    pace = f"{s['speedup']:.2f}x faster" if share <= 1 else f"{share:.2f}x slower"
     click.echo(
         f"\nAdaptive inference (eenet, budget {s['budget']} of the full model's measured latency, batch {s['batch_size']}, "
         f"{s['threads']} thread{'s' if s['threads'] > 1 else ''}) over the 10,000 test images:\n"
-        f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s: {pace} "
-        f"(time share {share:.3f}; predicted {s['predicted_time_share']:.3f})\n"
+        f"  full model {s['full_model_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s (medians of {s['rounds']} interleaved "
+        f"rounds): {pace} (time share {share:.3f}, IQR {s['time_share_iqr']:.3f}; predicted {s['predicted_time_share']:.3f})\n"
         f"  accuracy {100 * s['accuracy_measured']:.2f}% (offline evaluation predicted "
         f"{100 * s['accuracy_predicted']:.2f}%; full model {100 * s['full_model_accuracy']:.2f}%), "
         f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}"

@@ -5,9 +5,8 @@ inference pays it at the serving batch size (:mod:`eenet_fast.timing`). Costs ar
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from eenet_fast.timing import time_exits
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["CostSpec", "count_flops", "measure_costs", "best_time"]
+__all__ = ["CostSpec", "count_flops", "measure_costs"]
 
 CostSpec = Literal["flops", "latency"] | Sequence[float]
 
@@ -124,13 +123,3 @@ def measure_costs(model: EarlyExitModel, spec: CostSpec, example: Any, batch_siz
     if spec == "latency":
         return time_exits(model, example, batch_size, progress=False).costs(marginal=False)
     raise InputError(f"costs must be 'flops', 'latency' or a list of {model.num_exits} numbers, got {spec!r}")
-
-
-def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
-    """The shortest wall-clock time, in seconds, of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)

@@ -8,7 +8,8 @@ Steps (each cached in the output folder, so a second run takes seconds):
 3. calibrate EENet and the baselines at each budget on validation and evaluate them on test;
 4. install EENet at the speed budget, with costs measured as this machine's latency per exit (so
    the budget is a share of the full model's time), and time adaptive inference against the full
-   model over the test set, checking that it takes the exits the offline evaluation predicts;
+   model over the test set in interleaved rounds (:func:`eenet_fast.speed.measure_speed`), checking
+   that it takes the exits the offline evaluation predicts;
 5. write ``results.json``, the policy (``eenet_policy.safetensors``) and, with matplotlib, a plot.
 
 The output folder and the budgets are checked before anything long starts; every file is written
@@ -35,9 +36,9 @@ from eenet_fast.datasets import load_fashion_mnist
 from eenet_fast.evaluate import check_exits, compare, evaluate
 from eenet_fast.files import write_atomic
 from eenet_fast.outputs import ExitOutputs
-from eenet_fast.costs import best_time
 from eenet_fast.policies import parse_budget
 from eenet_fast.runtime import EarlyExitModel
+from eenet_fast.speed import measure_speed
 from eenet_fast.wrapping import wrap
 from eenet_fast.threads import torch_threads
 from eenet_fast.timing import LatencyModel, reach
@@ -61,7 +62,7 @@ class DemoConfig:
     speed_budget: float | str = 0.5  # measured time, full model = 1.0
     batch_size: int = 256
     policies: tuple[str, ...] = ("eenet", "maxprob", "entropy", "patience", "search", "oracle")
-    repeats: int = 3
+    rounds: int = 5  # interleaved rounds of the full model and adaptive inference, timed
     threads: int | None = None
     progress: bool = True
     model_key: dict[str, Any] = field(init=False)
@@ -175,24 +176,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     latency = policy.costs.tolist()
     expected = evaluate(policy, test)
     batches = _batches(x_test, None, cfg.batch_size)
-    results: list = []
-
-    def adaptive() -> None:
-        results[:] = [model(b) for b in batches]
 
     def full() -> None:
-        with torch.no_grad():
-            for b in batches:
-                net(b)
+        for b in batches:
+            net(b)
 
     threads = min(policy.latency.threads, torch.get_num_threads())
     if threads < torch.get_num_threads():
         log(f"the machine was busy while timing, so the policy fits {threads} thread's time shares: serving on {threads}")
     with torch_threads(threads):  # served as timed: a policy fitted to one thread can overspend on more
-        adaptive()  # warm up both, then time the best of a few passes
-        full()
-        t_full = best_time(full, cfg.repeats)
-        t_adaptive = best_time(adaptive, cfg.repeats)
+        measured, results = measure_speed(lambda: [model(b) for b in batches], full, rounds=cfg.rounds)
     exits = torch.cat([r.exits for r in results])
     predictions = torch.cat([r.predictions for r in results])
     measured_accuracy = float((predictions == y_test).double().mean())
@@ -204,9 +197,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "latency_costs": latency,
         "batch_size": cfg.batch_size,
         "threads": threads,
-        "full_model_s": t_full,
-        "adaptive_s": t_adaptive,
-        "speedup": t_full / t_adaptive,
+        "full_model_s": measured.full_s,
+        "adaptive_s": measured.adaptive_s,
+        "time_share": measured.share,
+        "time_share_iqr": measured.share_iqr,
+        "rounds": measured.rounds,
+        "speedup": measured.speedup,
         "accuracy_measured": measured_accuracy,
         "accuracy_predicted": expected.accuracy,
         "exits_off_by_rounding": rounding,

@@ -7,8 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from eenet_fast import EarlyExitModel, compare
-from eenet_fast.costs import best_time
+from eenet_fast import EarlyExitModel, compare, measure_speed
 from eenet_fast.evaluate import check_exits, format_table
 
 
@@ -40,18 +39,17 @@ def calibrate_and_run(
     print(format_table([row.record() for row in rows]))
 
     model.calibrate(val_out, budget, "eenet", costs=costs, example=example, progress=False)
-    with torch.no_grad():
-        results = [model(x) for x, _ in test]
-        exits = torch.cat([r.exits for r in results])
-        correct = torch.cat([r.predictions.cpu() == y for r, (_, y) in zip(results, test)])
-        full_time = best_time(lambda: [full_model(x) for x, _ in test])
-        adaptive_time = best_time(lambda: [model(x) for x, _ in test])
+    speed, results = measure_speed(lambda: [model(x) for x, _ in test], lambda: [full_model(x) for x, _ in test],
+                                   device=model.device)
+    exits = torch.cat([r.exits for r in results])
+    correct = torch.cat([r.predictions.cpu() == y for r, (_, y) in zip(results, test)])
+    full_time, adaptive_time = speed.full_s, speed.adaptive_s
     rounding = check_exits(model.policy, test_out, exits)  # raises unless a score at its threshold
     summary = {
         "accuracy": correct.float().mean().item(),
         "full_accuracy": exit_accuracy[-1],
         "mean_cost": model.policy.costs[exits.cpu()].mean().item(),
-        "speedup": full_time / adaptive_time,
+        "speedup": speed.speedup,
     }
     print(
         f"adaptive inference, eenet at budget {budget}: accuracy {100 * summary['accuracy']:.1f} % "

@@ -31,7 +31,8 @@ def test_demo_trains_calibrates_and_runs_adaptive_inference(tmp_path):
 def test_demo_says_slower_and_why_when_the_served_share_misses_the_prediction(monkeypatch, tmp_path, full_s, adaptive_s,
                                                                                  words, hint):
     speed = {"budget": "0.5", "batch_size": 256, "threads": 2, "full_model_s": full_s, "adaptive_s": adaptive_s,
-             "speedup": full_s / adaptive_s, "predicted_time_share": 0.5, "accuracy_measured": 0.89,
+             "speedup": full_s / adaptive_s, "time_share": adaptive_s / full_s, "time_share_iqr": 0.02, "rounds": 5,
+             "predicted_time_share": 0.5, "accuracy_measured": 0.89,
              "accuracy_predicted": 0.89, "full_model_accuracy": 0.9, "exit_fractions": [0.7, 0.3],
              "smallest_budget_by_batch": {"256": 0.36}}
     monkeypatch.setattr("eenet_fast.demo.run_demo", lambda cfg, log: {"records": [], "speed": speed, "plot": None})
