@@ -17,6 +17,10 @@ machine busy), next to the quiet calibration's show what a busy machine does to 
 calibration fell back to fewer threads, the quiet one is repeated on as many: the difference
 between those two is what the load itself did, apart from the thread count.
 
+``--repeat N`` calibrates each point N times, serves each policy twice, and adds a table of the
+spread over the calibrations next to the measurement's own (the same policy measured twice): which
+of the two decides a miss.
+
 ``--device cuda`` serves and calibrates on the GPU (the cached validation and test outputs stay those of
 the CPU forward, TF32 is switched off so that the GPU's logits stay close to them, and a sample whose
 exit differs from the offline one beyond rounding is reported in the row instead of stopping the run).
@@ -28,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -98,56 +103,59 @@ def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> 
     return speed.share, speed.share_iqr, torch.cat([res.exits for res in results])
 
 
-def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: tuple[float, ...], load: bool, rounds: int) -> list[dict]:
+def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: tuple[float, ...], load: bool, rounds: int,
+        repeat: int = 1) -> list[dict]:
     model, full, val, test, x = setup["model"], setup["full"], setup["val"], setup["test"], setup["x"]
     full_accuracy = float(test.correct[-1].double().mean())
     rows = []
-    for n in batches:
+    for n, budget, i in ((n, b, i) for n in batches for b in budgets for i in range(repeat)):
         samples = min(len(x), max(64 * n, 400))  # enough batches for a stable time, bounded at batch 1
-        for budget in budgets:
-            row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples}
-            example = x[: min(n, 256)]
-            options = {"seed": 0} if policy == "eenet" else {}
-            try:
-                fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
-            except BudgetError as error:
-                row.update(status=f"infeasible (smallest feasible {getattr(error, 'smallest_feasible', float('nan')):.3f})")
-                rows.append(row)
-                print(row, flush=True)
-                continue
-            expected = evaluate(fitted, test)
-            ratio, spread, exits = measure(model, full, x[:samples], n, rounds)
-            try:  # raises unless a score at its threshold
-                check_exits(fitted, test.subset(torch.arange(samples)), exits)
-            except RuntimeError as error:
-                if not x.is_cuda:
-                    raise
-                row["exits_check"] = str(error)[:300]  # GPU logits vs the CPU's cached outputs
-            row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach(expected.exits, model.num_exits), n),
-                       accuracy=expected.accuracy, full_accuracy=full_accuracy,
-                       exit_mix=[round(f, 3) for f in expected.exit_fractions],
-                       corrections=[round(fitted.latency.first_factor, 3), round(fitted.latency.correction, 3)])
-            if load:
-                with background_load(600, True):
-                    try:
-                        loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
-                                                 progress=False, **options)
-                        row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
-                    except BudgetError as error:
-                        row["accuracy_loaded_calibration"] = f"infeasible ({getattr(error, 'smallest_feasible', float('nan')):.3f})"
-                        loaded = None
-                if loaded is not None:  # served quiet on the threads it was timed with: does the budget hold?
-                    threads, fewer = loaded.latency.threads, loaded.latency.threads < torch.get_num_threads()
-                    row["threads_loaded_calibration"] = threads
-                    with torch_threads(threads):
-                        row["time_ratio_loaded_calibration"] = measure(model, full, x[:samples], n, rounds)[0]
-                        if fewer:  # the quiet calibration on as many threads
-                            same = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
-                                                   progress=False, **options)
-                            row["accuracy_quiet_same_threads"] = evaluate(same, test).accuracy
-            model.policy = fitted
+        row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples,
+                               "calibration": i}
+        example = x[: min(n, 256)]
+        options = {"seed": 0} if policy == "eenet" else {}
+        try:
+            fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
+        except BudgetError as error:
+            row.update(status=f"infeasible (smallest feasible {getattr(error, 'smallest_feasible', float('nan')):.3f})")
             rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print(row, flush=True)
+            continue
+        expected = evaluate(fitted, test)
+        ratio, spread, exits = measure(model, full, x[:samples], n, rounds)
+        try:  # raises unless a score at its threshold
+            check_exits(fitted, test.subset(torch.arange(samples)), exits)
+        except RuntimeError as error:
+            if not x.is_cuda:
+                raise
+            row["exits_check"] = str(error)[:300]  # GPU logits vs the CPU's cached outputs
+        row.update(status="ok", time_ratio=ratio, ratio_iqr=spread, predicted=fitted.latency.predicted_fraction(reach(expected.exits, model.num_exits), n),
+                   accuracy=expected.accuracy, full_accuracy=full_accuracy,
+                   exit_mix=[round(f, 3) for f in expected.exit_fractions],
+                   corrections=[round(fitted.latency.first_factor, 3), round(fitted.latency.correction, 3)])
+        if repeat > 1:  # the same policy measured again: what the measurement itself scatters
+            row["time_ratio_again"] = measure(model, full, x[:samples], n, rounds)[0]
+        if load:
+            with background_load(600, True):
+                try:
+                    loaded = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
+                                             progress=False, **options)
+                    row["accuracy_loaded_calibration"] = evaluate(loaded, test).accuracy
+                except BudgetError as error:
+                    row["accuracy_loaded_calibration"] = f"infeasible ({getattr(error, 'smallest_feasible', float('nan')):.3f})"
+                    loaded = None
+            if loaded is not None:  # served quiet on the threads it was timed with: does the budget hold?
+                threads, fewer = loaded.latency.threads, loaded.latency.threads < torch.get_num_threads()
+                row["threads_loaded_calibration"] = threads
+                with torch_threads(threads):
+                    row["time_ratio_loaded_calibration"] = measure(model, full, x[:samples], n, rounds)[0]
+                    if fewer:  # the quiet calibration on as many threads
+                        same = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
+                                               progress=False, **options)
+                        row["accuracy_quiet_same_threads"] = evaluate(same, test).accuracy
+        model.policy = fitted
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 
@@ -171,6 +179,25 @@ def table(rows: list[dict]) -> str:
     return tabulate(body, head, tablefmt="github")
 
 
+def repeatability(rows: list[dict]) -> str:
+    """Per batch and budget over the calibrations of ``--repeat``: the served shares and how many are
+    within 7 % of the budget, the measurement's own scatter (the same policy measured twice) and the
+    accuracies: a spread of the shares well beyond the measurement's is the calibration's."""
+    head = ["batch", "budget", "calibrations", "time / full: min / median / max", "within 7 %",
+            "same policy measured twice: median abs. difference", "accuracy: min / max"]
+    body = []
+    for n, budget in dict.fromkeys((r["batch"], r["budget"]) for r in rows):
+        ok = [r for r in rows if (r["batch"], r["budget"]) == (n, budget) and r["status"] == "ok"]
+        if not ok:
+            continue
+        shares, accuracies = sorted(r["time_ratio"] for r in ok), [r["accuracy"] for r in ok]
+        within = sum(abs(v - budget) <= 0.07 * budget for v in shares)
+        twice = statistics.median(abs(r["time_ratio_again"] - r["time_ratio"]) for r in ok)
+        body.append([n, budget, len(ok), f"{shares[0]:.3f} / {statistics.median(shares):.3f} / {shares[-1]:.3f}",
+                     f"{within} of {len(ok)}", f"{twice:.3f}", f"{100 * min(accuracies):.2f} % / {100 * max(accuracies):.2f} %"])
+    return tabulate(body, head, tablefmt="github")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn")
@@ -183,6 +210,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="calibrate each point this many times, measure each policy twice, and summarise the spread")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()  # else time shares at large batches switch between two levels (eenet_fast.allocator)
@@ -193,10 +222,12 @@ def main() -> None:
         setup["full"].to(args.device)
         setup["x"] = setup["x"].to(args.device)
     batches, budgets, rounds = ((8, 256), (0.5,), 2) if args.quick else (tuple(args.batches), tuple(args.budgets), args.rounds)
-    rows = run(setup, args.policy, batches, budgets, args.load, rounds)
+    rows = run(setup, args.policy, batches, budgets, args.load, rounds, max(1, args.repeat))
     where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
     text = (f"# Time budgets at the batch size served: {setup['name']}, {args.policy}, {where}\n\n"
             f"`python bench/bench_budget.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")
+    if args.repeat > 1:
+        text += f"\n## Over the {args.repeat} calibrations of each point\n\n{repeatability(rows)}\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
