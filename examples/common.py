@@ -43,7 +43,6 @@ def calibrate_and_run(
                                    device=model.device)
     exits = torch.cat([r.exits for r in results])
     correct = torch.cat([r.predictions.cpu() == y for r, (_, y) in zip(results, test)])
-    full_time, adaptive_time = speed.full_s, speed.adaptive_s
     rounding = check_exits(model.policy, test_out, exits)  # raises unless a score at its threshold
     summary = {
         "accuracy": correct.float().mean().item(),
@@ -54,7 +53,8 @@ def calibrate_and_run(
     print(
         f"adaptive inference, eenet at budget {budget}: accuracy {100 * summary['accuracy']:.1f} % "
         f"(full model {100 * summary['full_accuracy']:.1f} %), mean cost {summary['mean_cost']:.2f}, "
-        f"{full_time:.2f} s -> {adaptive_time:.2f} s on the test set ({summary['speedup']:.2f}x); "
+        f"{speed.full_s:.2f} s -> {speed.adaptive_s:.2f} s on the test set (medians of {speed.rounds} interleaved rounds), "
+        f"time share {speed.share:.3f} (the rounds' median ratio: {summary['speedup']:.2f}x); "
         + ("exits identical to the offline simulation" if not rounding else
            f"exits as the offline simulation's but for {rounding} sample(s) whose scores lie at a threshold")
     )
