@@ -5,8 +5,8 @@ resnet`` for the ResNet example; ``--load`` adds a competing CPU load; ``--quick
 For each batch size (1, 8, 32, 256, 1024) and time budget (0.4, 0.5, 0.7) the policy (EENet by
 default) is calibrated with ``costs="latency", batch_size=n`` on the validation outputs, then the
 test images run in batches of ``n`` through the full model and the adaptive model in interleaved
-rounds: the ratio is the median over the rounds of adaptive / full time (with its interquartile
-range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
+rounds (at least ``--rounds``, and as many as fill ``--seconds``): the ratio is the median over the
+rounds of adaptive / full time (with its interquartile range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
 can meet at a batch size is reported with the smallest feasible budget there.
 
 ``--load`` starts a competing process (one thread of matrix products, bounded in time, stopped at the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -95,16 +96,30 @@ def background_load(seconds: float, on: bool) -> Iterator[None]:
             process.wait(timeout=30)
 
 
-def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int) -> tuple[float, float, torch.Tensor]:
-    """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits."""
+MEASURE_SECONDS = 10.0  # at least this long per measurement: small batches take many more rounds than 5
+
+
+def measure(model: Any, full: Any, x: torch.Tensor, batch: int, rounds: int,
+            seconds: float = MEASURE_SECONDS) -> tuple[float, float, torch.Tensor]:
+    """Median and interquartile range of adaptive / full time over interleaved rounds, and the exits.
+
+    ``rounds`` is the least number of rounds: there are as many more as fill about ``seconds`` (one
+    full pass, untimed, sizes them). A round of a small batch lasts a fraction of a second and the
+    machine's noise does not average out within it (demo CNN at batch 32, one policy measured every
+    2.5 s over 4 minutes with 3 rounds: 0.61-0.96, the full pass 3.8-6.4 ms per batch)."""
     batches = list(x.split(batch))
-    speed, results = measure_speed(lambda: [model(b) for b in batches], lambda: [full(b) for b in batches],
-                                   rounds=rounds, device=x.device)
+    adaptive_pass, full_pass = (lambda: [model(b) for b in batches]), (lambda: [full(b) for b in batches])
+    start = time.perf_counter()
+    full_pass()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    rounds = max(rounds, math.ceil(seconds / (1.7 * max(time.perf_counter() - start, 1e-9))))  # adaptive: about 0.7 of full
+    speed, results = measure_speed(adaptive_pass, full_pass, rounds=rounds, device=x.device)
     return speed.share, speed.share_iqr, torch.cat([res.exits for res in results])
 
 
 def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: tuple[float, ...], load: bool, rounds: int,
-        repeat: int = 1) -> list[dict]:
+        repeat: int = 1, seconds: float = MEASURE_SECONDS) -> list[dict]:
     model, full, val, test, x = setup["model"], setup["full"], setup["val"], setup["test"], setup["x"]
     full_accuracy = float(test.correct[-1].double().mean())
     rows = []
@@ -122,7 +137,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
             print(row, flush=True)
             continue
         expected = evaluate(fitted, test)
-        ratio, spread, exits = measure(model, full, x[:samples], n, rounds)
+        ratio, spread, exits = measure(model, full, x[:samples], n, rounds, seconds)
         try:  # raises unless a score at its threshold
             check_exits(fitted, test.subset(torch.arange(samples)), exits)
         except RuntimeError as error:
@@ -134,7 +149,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
                    exit_mix=[round(f, 3) for f in expected.exit_fractions],
                    corrections=[round(fitted.latency.first_factor, 3), round(fitted.latency.correction, 3)])
         if repeat > 1:  # the same policy measured again: what the measurement itself scatters
-            row["time_ratio_again"] = measure(model, full, x[:samples], n, rounds)[0]
+            row["time_ratio_again"] = measure(model, full, x[:samples], n, rounds, seconds)[0]
         if load:
             with background_load(600, True):
                 try:
@@ -148,7 +163,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
                 threads, fewer = loaded.latency.threads, loaded.latency.threads < torch.get_num_threads()
                 row["threads_loaded_calibration"] = threads
                 with torch_threads(threads):
-                    row["time_ratio_loaded_calibration"] = measure(model, full, x[:samples], n, rounds)[0]
+                    row["time_ratio_loaded_calibration"] = measure(model, full, x[:samples], n, rounds, seconds)[0]
                     if fewer:  # the quiet calibration on as many threads
                         same = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n,
                                                progress=False, **options)
@@ -203,9 +218,11 @@ def main() -> None:
     parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn")
     parser.add_argument("--policy", default="eenet")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="at least this many rounds per measurement")
+    parser.add_argument("--seconds", type=float, default=MEASURE_SECONDS,
+                        help="and as many more rounds as fill about this many seconds (small batches)")
     parser.add_argument("--load", action="store_true", help="also calibrate under a competing CPU load")
-    parser.add_argument("--quick", action="store_true", help="batch 8 and 256, budget 0.5, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="batch 8 and 256, budget 0.5, 2 rounds, no minimum time")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--markdown", type=Path)
@@ -221,8 +238,9 @@ def main() -> None:
         setup["model"].to(args.device)
         setup["full"].to(args.device)
         setup["x"] = setup["x"].to(args.device)
-    batches, budgets, rounds = ((8, 256), (0.5,), 2) if args.quick else (tuple(args.batches), tuple(args.budgets), args.rounds)
-    rows = run(setup, args.policy, batches, budgets, args.load, rounds, max(1, args.repeat))
+    batches, budgets, rounds, seconds = (((8, 256), (0.5,), 2, 0.0) if args.quick
+                                         else (tuple(args.batches), tuple(args.budgets), args.rounds, args.seconds))
+    rows = run(setup, args.policy, batches, budgets, args.load, rounds, max(1, args.repeat), seconds)
     where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
     text = (f"# Time budgets at the batch size served: {setup['name']}, {args.policy}, {where}\n\n"
             f"`python bench/bench_budget.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")
