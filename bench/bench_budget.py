@@ -6,8 +6,9 @@ For each batch size (1, 8, 32, 256, 1024) and time budget (0.4, 0.5, 0.7) the po
 default) is calibrated with ``costs="latency", batch_size=n`` on the validation outputs, then the
 test images run in batches of ``n`` through the full model and the adaptive model in interleaved
 rounds (at least ``--rounds``, and as many as fill ``--seconds``): the ratio is the median over the
-rounds of adaptive / full time (with its interquartile range), next to the time the calibration predicted and the test accuracy of both. A budget no policy
-can meet at a batch size is reported with the smallest feasible budget there.
+rounds of adaptive / full time (with its interquartile range), next to the time the calibration
+predicted and the test accuracy of both. A budget no policy can meet at a batch size is reported
+with the smallest feasible budget there.
 
 ``--load`` starts a competing process (one thread of matrix products, bounded in time, stopped at the
 end) and calibrates a second time while it runs: that policy's test accuracy, and its time share
