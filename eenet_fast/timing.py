@@ -359,16 +359,11 @@ def clock(device: torch.device) -> Callable[[], float]:
     return time.thread_time if one_cpu_thread and sys.platform != "win32" else time.perf_counter
 
 
-def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float], warmup: float = 0.0) -> float:
-    """Seconds per call of ``fn`` over ``repeats`` calls on the clock ``now``, after untimed calls of
-    the same work (memory and caches as in serving, where one batch follows another): one, or as
-    many as fill ``warmup`` seconds of wall time."""
-    warm_until = time.perf_counter() + warmup
+def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float]) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls on the clock ``now``, after one untimed
+    call of the same work (memory and caches as in serving, where one batch follows another)."""
     fn()
     sync()
-    while time.perf_counter() < warm_until:
-        fn()
-        sync()
     start = now()
     for _ in range(repeats):
         fn()
@@ -381,7 +376,6 @@ def _repeats_for(seconds: float) -> int:
     return max(1, min(256, math.ceil(5e-3 / max(seconds, 1e-9))))
 
 
-SWITCH_WARMUP = 0.02  # seconds of untimed calls before each side of a round in measure_shares (see there)
 BUSY_CPU_SHARE = 0.85  # the timing thread ran less than this share of the wall time: other work competes
 
 
@@ -589,14 +583,6 @@ def measure_shares(
         the bench and users measure it: a busy spell slows both), and the share of the rows that ran
         each stage (the reach its shares belong to). Shares of two policies in the same round are
         paired: their difference is spared what disturbed that round as a whole.
-
-    Each side of a round is timed after :data:`SWITCH_WARMUP` seconds of untimed calls: right after
-    the full model, adaptive forwards run slow for several calls (the demo CNN at batch 8, 2
-    threads, every sample leaving at the first exit, medians over 40 switches: 1211, 933, 855, 799
-    and 772 us for its first five calls, 734 us by the twelfth; the full model's calls ran flat).
-    With one untimed call, the floor share read 0.54-0.57 there against 0.47-0.50 served batch
-    after batch, and 0.43-0.45 against 0.39-0.44 at batch 32; at batch 256 and above one call
-    outlasts the slow start.
     """
     x = _rows(move_to(example, model.device), batch_size)
     sync, reaches = synchronizer(model.device), []
@@ -608,10 +594,10 @@ def measure_shares(
         repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync, now))  # the warm-up sets the calls per timing
         shares: list[list[float]] = [[] for _ in policies]
         for _ in range(rounds):
-            full = _timed(lambda: full_pass(model, x), repeats, sync, now, SWITCH_WARMUP)
+            full = _timed(lambda: full_pass(model, x), repeats, sync, now)
             for policy, own in zip(policies, shares):
                 with _installed(model, policy):
-                    own.append(_timed(lambda: model(x), repeats, sync, now, SWITCH_WARMUP) / full)
+                    own.append(_timed(lambda: model(x), repeats, sync, now) / full)
     return shares, reaches
 
 

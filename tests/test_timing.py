@@ -225,36 +225,6 @@ def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_mod
     assert model.policy is installed and model.controller is None
 
 
-def test_a_timing_follows_untimed_calls_for_the_warmup(monkeypatch):
-    """Adaptive forwards run slow for several calls after the full model's: each side of a
-    measure_shares round is timed only after SWITCH_WARMUP seconds of the same calls."""
-    from types import SimpleNamespace
-
-    from eenet_fast import timing
-
-    wall, calls = [0.0], []
-
-    def call():  # every call takes 3 ms on the fake clock
-        calls.append(wall[0])
-        wall[0] += 0.003
-
-    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: wall[0]))
-    seconds = timing._timed(call, 2, lambda: None, lambda: wall[0], warmup=0.02)
-    assert len(calls) == 7 + 2 and seconds == pytest.approx(0.003)  # untimed from 0 to 18 ms, then two timed
-    calls.clear()
-    timing._timed(call, 2, lambda: None, lambda: wall[0])
-    assert len(calls) == 1 + 2  # no warm-up asked: one untimed call
-
-    monkeypatch.undo()
-    warmups, timed = [], timing._timed
-    monkeypatch.setattr(timing, "_timed", lambda *a, **k: warmups.append(a[4] if len(a) > 4 else 0.0) or timed(*a, **k))
-    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
-    x = torch.randn(4, 1, 28, 28)
-    model.policy = make_policy("maxprob").fit(model.collect([(x, torch.randint(10, (4,)))], progress=False).with_costs([0.5, 1.0]), 0.75)
-    measure_shares(model, [model.policy], x, 4, rounds=2)
-    assert warmups == [0.0] + [timing.SWITCH_WARMUP] * 4 and timing.SWITCH_WARMUP > 0  # the call count's probe, then both sides of each round
-
-
 def test_measure_shares_picks_its_clock_on_the_threads_it_times(monkeypatch):
     """On one thread of a busy machine the shares are timed on that thread's CPU time: the clock is
     chosen inside the thread setting, not on the caller's threads."""
