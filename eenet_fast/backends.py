@@ -14,9 +14,9 @@ import torch
 
 from eenet_fast.batch import map_batch
 from eenet_fast.compaction import compact_reference, write_exited_reference
-from eenet_fast.decision import exit_flags
+from eenet_fast.decision import exit_flags, nonfinite_rows
 from eenet_fast.errors import InputError
-from eenet_fast.features import exit_features
+from eenet_fast.features import exit_features, top_class
 from eenet_fast.policies import ExitHistory, Policy
 
 __all__ = ["Backend", "TorchBackend", "TritonBackend", "compact_state", "select_backend", "triton_unavailable"]
@@ -53,8 +53,13 @@ class TorchBackend:
 
         Returns:
             ``(q, prediction, leave, nonfinite)``: ``[B]`` float32 scores, int64 predictions, bool
-            exit flags (all true at the last exit) and bool rows with NaN/Inf logits.
+            exit flags (all true at the last exit) and bool rows with NaN/Inf logits. At the last
+            exit, where every row leaves, nothing is scored: ``q`` is the max score there.
         """
+        if last:
+            max_score, prediction = top_class(logits)
+            nonfinite = nonfinite_rows(logits)
+            return max_score, prediction, torch.ones_like(nonfinite), nonfinite
         feats = exit_features(logits)
         q = policy.score(k, feats, history).float()
         leave, nonfinite = exit_flags(logits, q, threshold, last)
@@ -71,7 +76,8 @@ class TorchBackend:
 
 class TritonBackend:
     """Fused Triton kernels (``eenet_fast.kernels``) on CUDA tensors; CPU tensors only under Triton's
-    interpreter (``TRITON_INTERPRET=1``). Same interface and results as :class:`TorchBackend`.
+    interpreter (``TRITON_INTERPRET=1``). Same interface and results as :class:`TorchBackend`
+    (but for the score at the last exit, which nothing reads: the kernel computes it there).
 
     ``decide`` is one launch per exit when the policy has a score head (:meth:`Policy.score_head`)
     and the logits are float32/float16/bfloat16, else :meth:`TorchBackend.decide`; ``compact`` is

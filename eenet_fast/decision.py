@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from eenet_fast.features import exit_features
 
-__all__ = ["ScoreHeadParams", "Decision", "decide_reference", "exit_flags", "check_decision_inputs"]
+__all__ = ["ScoreHeadParams", "Decision", "check_decision_inputs", "decide_reference", "exit_flags", "head_score", "nonfinite_rows"]
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,30 @@ def decide_reference(
     check_decision_inputs(logits, head, prev_scores)
     feats = exit_features(logits)
     g = torch.cat([feats.max_score[:, None], feats.entropy_conf[:, None], prev_scores[:, : head.num_inputs - 2]], 1)
-    q = g @ head.linear
-    if head.class_weight is not None:
-        q = feats.probs @ head.class_weight + q
-    if head.mlp_weight is not None:
-        q = q + torch.relu(F.linear(g, head.mlp_weight, head.mlp_bias)) @ head.mlp_out
+    q = head_score(feats.probs, g, head.class_weight, head.linear, head.mlp_weight, head.mlp_bias, head.mlp_out)
     leave, nonfinite = exit_flags(logits, q, threshold, last)
     return Decision(q, feats.prediction, leave, nonfinite)
+
+
+def head_score(
+    probs: torch.Tensor,
+    g: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    linear: torch.Tensor,
+    mlp_weight: torch.Tensor | None = None,
+    mlp_bias: torch.Tensor | None = None,
+    mlp_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``q = w . p + u . g + v . relu(A g + b)`` (``[N]`` float32) of ``probs [N, C]`` and
+    ``g [N, n]``: the one computation of the score head, shared by EENet's ``ScoreHead`` (with
+    autograd, in training) and :func:`decide_reference`, so the two agree bit for bit. Two
+    ``addmv`` instead of products and sums: few ops, as it runs at every exit of every batch."""
+    q = g @ linear
+    if class_weight is not None:
+        q = torch.addmv(q, probs, class_weight)
+    if mlp_weight is not None:
+        q = torch.addmv(q, F.linear(g, mlp_weight, mlp_bias).relu_(), mlp_out)
+    return q
 
 
 def exit_flags(
@@ -183,6 +200,19 @@ def exit_flags(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(leave, nonfinite)``, both ``[B]`` bool: a row leaves when ``score >= threshold`` and its
     logits ``[B, C]`` are all finite; at the last exit every row leaves."""
-    nonfinite = ~torch.isfinite(logits).all(1)
-    leave = torch.ones_like(nonfinite) if last else (score >= threshold) & ~nonfinite
+    nonfinite = nonfinite_rows(logits)
+    leave = torch.ones_like(nonfinite) if last else (score >= threshold).masked_fill_(nonfinite, False)
     return leave, nonfinite
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: the row of ``logits [B, C]`` holds a NaN or an Inf.
+
+    The row's sum in float64 is finite exactly when every entry is (float32 and narrower values
+    cannot overflow it; NaN and Inf carry through, and Inf - Inf is NaN), and ``s - s`` is 0 exactly
+    when ``s`` is finite: three ops on the rows, where ``isfinite(logits).all(1)`` takes six.
+    Float64 rows could overflow their sum, so they take the exact test."""
+    if logits.dtype == torch.float64:
+        return ~torch.isfinite(logits).all(1)
+    total = logits.sum(1, dtype=torch.float64)
+    return (total - total) != 0

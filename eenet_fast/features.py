@@ -23,7 +23,7 @@ import torch
 
 from eenet_fast.errors import InputError
 
-__all__ = ["ExitFeatures", "exit_features"]
+__all__ = ["ExitFeatures", "exit_features", "top_class"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,29 @@ def exit_features(logits: torch.Tensor) -> ExitFeatures:
     Returns:
         :class:`ExitFeatures` with float32 tensors on ``logits``' device.
     """
+    log_probs, probs = _softmax(logits)
+    max_score, prediction = probs.max(dim=-1)
+    # p log p -> 0 as p -> 0: tiny * log(tiny) == 0 in fp32, and the clamp turns 0 * -inf (a class
+    # more than float32's range below the best) into 0 too. sum p log p = -H, so 1 - H / log C is
+    # (sum p log p) / log C + 1, in place: two ops fewer at every exit, the same bits
+    plogp = (probs * log_probs.clamp_min(torch.finfo(torch.float32).min)).sum(-1)
+    entropy_conf = plogp.div_(math.log(logits.shape[1])).add_(1.0)
+    return ExitFeatures(probs, max_score, entropy_conf, prediction)
+
+
+def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max_score, prediction)`` of :func:`exit_features`, both ``[N]`` (float32, int64), without
+    the entropy: what the last exit, where nothing is decided, needs."""
+    return _softmax(logits)[1].max(dim=-1)
+
+
+def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, p)``, both ``[N, C]`` float32, of logits ``[N, C]`` checked for their shape."""
     if logits.ndim != 2:
         raise InputError(f"expected logits of shape [N, C], got {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    if num_classes < 2:
-        raise InputError(f"need at least 2 classes, got C={num_classes}")
+    if logits.shape[1] < 2:
+        raise InputError(f"need at least 2 classes, got C={logits.shape[1]}")
     if logits.dtype == torch.float64:  # shift in float64: its rows may not fit float32
         logits = logits - logits.amax(dim=-1, keepdim=True)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    probs = log_probs.exp()
-    max_score, prediction = probs.max(dim=-1)
-    # p log p -> 0 as p -> 0: tiny * log(tiny) == 0 in fp32, and the clamp turns 0 * -inf (a class
-    # more than float32's range below the best) into 0 too
-    entropy = -(probs * log_probs.clamp_min(torch.finfo(torch.float32).min)).sum(-1)
-    entropy_conf = 1.0 - entropy / math.log(num_classes)
-    return ExitFeatures(probs, max_score, entropy_conf, prediction)
-
+    return log_probs, log_probs.exp()

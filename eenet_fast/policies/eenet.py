@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from eenet_fast.decision import ScoreHeadParams
+from eenet_fast.decision import ScoreHeadParams, head_score
 from eenet_fast.errors import PolicyError
 from eenet_fast.features import ExitFeatures
 from eenet_fast.outputs import ExitOutputs
@@ -73,10 +73,9 @@ class ScoreHead(nn.Module):
 
     def forward(self, probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``probs [N, C]``, ``g [N, k + 2]`` float32 -> ``q [N]`` float32."""
-        q = probs @ self.class_weight + g @ self.linear
-        if self.mlp_in is not None:
-            q = q + torch.relu(self.mlp_in(g)) @ self.mlp_out
-        return q
+        mlp = self.mlp_in
+        return head_score(probs, g, self.class_weight, self.linear, None if mlp is None else mlp.weight,
+                          None if mlp is None else mlp.bias, self.mlp_out)
 
 
 class AssignmentHead(nn.Module):
@@ -221,8 +220,11 @@ class EENetPolicy(Policy):
             raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
         g = Scheduler.confidences(features.max_score, features.entropy_conf, history.scores)
         head = self.scheduler.score_heads[k]
-        with torch.no_grad():  # on the head's device: the policy moves with the model it is installed in
-            return head(features.probs.to(head.linear.device), g.to(head.linear.device)).to(g.device)
+        device = head.linear.device  # the policy moves with the model it is installed in
+        with torch.no_grad():
+            if g.device == device:  # the runtime's case: no three no-op moves at every exit
+                return head(features.probs, g)
+            return head(features.probs.to(device), g.to(device)).to(g.device)
 
     def score_head(self, k: int) -> ScoreHeadParams:
         if self.scheduler is None:
