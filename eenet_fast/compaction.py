@@ -24,7 +24,7 @@ def compact_reference(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch
     Returns:
         One ``[count, ...]`` tensor per input (advanced indexing, which keeps channels-last
         strides; one host sync to count the rows). When every row is kept, the inputs themselves
-        (no copy).
+        (no copy); when none is, empty views of them.
     """
     if keep.ndim != 1 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a [B] bool tensor, got {keep.dtype} {tuple(keep.shape)}")
@@ -34,6 +34,8 @@ def compact_reference(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch
     index = keep.nonzero().squeeze(1)
     if index.numel() == keep.numel():
         return tensors
+    if index.numel() == 0:  # every row left: empty views, not a gather per tensor
+        return tuple(t[:0] for t in tensors)
     return tuple(t[index] for t in tensors)
 
 
@@ -59,7 +61,7 @@ def write_exited_reference(
             Rows of leaving samples are overwritten (logits cast to ``out_logits``' dtype);
             ``out_nonfinite`` is set for every nonfinite row, leaving or not.
 
-    On the CPU, only the leaving rows are indexed (nothing when none leaves). Under
+    On the CPU, only the leaving rows (and the flags of the nonfinite ones) are indexed. Under
     ``torch.compile`` and on other devices every row in ``ids`` is rewritten instead (the staying
     ones with their own values): no shape in the graph depends on the data, and no host read
     waits for the device. Both give the same outputs.
@@ -71,7 +73,8 @@ def write_exited_reference(
         out_exits.index_copy_(0, ids, out_exits[ids].masked_fill(leave, exit_index))
         out_predictions.index_copy_(0, ids, torch.where(stay, out_predictions[ids], prediction))
         return
-    out_nonfinite.index_put_((ids,), nonfinite, accumulate=True)  # OR: sets the nonfinite rows' flags
+    if nonfinite.any():  # a read on the CPU costs less than an OR over every row
+        out_nonfinite[ids[nonfinite]] = True
     index = leave.nonzero().squeeze(1)
     if index.numel() == 0:
         return
