@@ -359,11 +359,27 @@ def clock(device: torch.device) -> Callable[[], float]:
     return time.thread_time if one_cpu_thread and sys.platform != "win32" else time.perf_counter
 
 
-def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float]) -> float:
-    """Seconds per call of ``fn`` over ``repeats`` calls on the clock ``now``, after one untimed
-    call of the same work (memory and caches as in serving, where one batch follows another)."""
+# Untimed calls of a forward for this long before it is timed, in the ladder and in measure_shares:
+# adaptive forwards run slow for about 8 calls after other work (demo CNN, batch 8, every sample at
+# exit 1: 1211, 933, 855, 799 us for calls 1-4 after the full model's, 734 us by call 12), and a
+# server runs them back to back. Timed after one untimed call, calibrations at batch 8 and 32
+# predicted 5 % more time than they served (median of 15, both models; the mean error 8.0 %), with
+# the warm-up 1 % (4.1 %): bench/results/overhead-cuts-2026-11-28.md. At 256 rows and more one call
+# outlasts it.
+WARMUP_SECONDS = 0.02
+
+
+def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], now: Callable[[], float],
+           warmup: float = 0.0) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls on the clock ``now``, after untimed calls
+    of the same work for ``warmup`` seconds of wall time, at least one (memory and caches as in
+    serving, where one batch follows another)."""
+    deadline = time.perf_counter() + warmup
     fn()
     sync()
+    while time.perf_counter() < deadline:
+        fn()
+        sync()
     start = now()
     for _ in range(repeats):
         fn()
@@ -460,8 +476,8 @@ def _time_ladder(
     for r in tqdm(range(rounds + 1), desc="timing the exits", disable=not progress, leave=False):
         random.Random(r).shuffle(order)
         for n in order:
-            forwards = [_timed(lambda: forward_to(k, inputs[n]), repeats[n], sync, now) for k in range(num_exits)]
-            full = _timed(lambda: full_pass(model, inputs[n]), repeats[n], sync, now)
+            forwards = [_timed(lambda: forward_to(k, inputs[n]), repeats[n], sync, now, WARMUP_SECONDS) for k in range(num_exits)]
+            full = _timed(lambda: full_pass(model, inputs[n]), repeats[n], sync, now, WARMUP_SECONDS)
             states = _stage_outputs(model, inputs[n])  # untimed: kept alive, they would slow the passes above
             compactions = [_timed(lambda: compact_half(k, states[k]), repeats[n], sync, now) for k in range(num_exits - 1)] + [0.0]
             states = None  # freed before the next size is timed
@@ -594,10 +610,10 @@ def measure_shares(
         repeats = _repeats_for(_timed(lambda: full_pass(model, x), 1, sync, now))  # the warm-up sets the calls per timing
         shares: list[list[float]] = [[] for _ in policies]
         for _ in range(rounds):
-            full = _timed(lambda: full_pass(model, x), repeats, sync, now)
+            full = _timed(lambda: full_pass(model, x), repeats, sync, now, WARMUP_SECONDS)
             for policy, own in zip(policies, shares):
                 with _installed(model, policy):
-                    own.append(_timed(lambda: model(x), repeats, sync, now) / full)
+                    own.append(_timed(lambda: model(x), repeats, sync, now, WARMUP_SECONDS) / full)
     return shares, reaches
 
 

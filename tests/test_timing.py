@@ -225,6 +225,43 @@ def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_mod
     assert model.policy is installed and model.controller is None
 
 
+def test_a_timing_follows_untimed_calls_for_the_warmup(monkeypatch):
+    """Adaptive forwards run slow for several calls after other work: the ladder's forwards and
+    full passes and both sides of each measure_shares round are timed after WARMUP_SECONDS of the
+    same calls; the compactions and the call count's probe are not warmed."""
+    from types import SimpleNamespace
+
+    from eenet_fast import timing
+
+    wall, calls = [0.0], []
+
+    def call():  # every call takes 3 ms on the fake clock
+        calls.append(wall[0])
+        wall[0] += 0.003
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: wall[0], thread_time=lambda: wall[0]))
+    seconds = timing._timed(call, 2, lambda: None, lambda: wall[0], warmup=0.02)
+    assert len(calls) == 7 + 2 and seconds == pytest.approx(0.003)  # untimed from 0 to 18 ms, then two timed
+    calls.clear()
+    timing._timed(call, 2, lambda: None, lambda: wall[0])
+    assert len(calls) == 1 + 2  # no warm-up asked: one untimed call
+
+    monkeypatch.undo()
+    warmups, timed = [], timing._timed
+    monkeypatch.setattr(timing, "_timed", lambda *a, **k: warmups.append(a[4] if len(a) > 4 else 0.0) or timed(*a, **k))
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    x = torch.randn(4, 1, 28, 28)
+    model.policy = make_policy("maxprob").fit(model.collect([(x, torch.randint(10, (4,)))], progress=False).with_costs([0.5, 1.0]), 0.75)
+    measure_shares(model, [model.policy], x, 4, rounds=2)
+    warm = timing.WARMUP_SECONDS
+    assert warm > 0 and warmups == [0.0] + [warm] * 4  # the call count's probe, then both sides of each round
+    warmups.clear()
+    with torch_threads(1):  # one thread: no second ladder when the machine is busy
+        time_exits(model, x, 4, rounds=1, progress=False)
+    per_size = [warm, warm, warm, 0.0]  # the forwards to exits 1 and 2, the full pass, the compaction
+    assert warmups == per_size * (2 * len(ladder(4)))  # the warm-up round and one timed round, each size
+
+
 def test_measure_shares_picks_its_clock_on_the_threads_it_times(monkeypatch):
     """On one thread of a busy machine the shares are timed on that thread's CPU time: the clock is
     chosen inside the thread setting, not on the caller's threads."""
