@@ -364,8 +364,8 @@ def clock(device: torch.device) -> Callable[[], float]:
 # exit 1: 1211, 933, 855, 799 us for calls 1-4 after the full model's, 734 us by call 12), and a
 # server runs them back to back. Timed after one untimed call, calibrations at batch 8 and 32
 # predicted 5 % more time than they served (median of 15, both models; the mean error 8.0 %), with
-# the warm-up 1 % (4.1 %): bench/results/overhead-cuts-2026-11-28.md. At 256 rows and more one call
-# outlasts it.
+# the warm-up 1 % (4.1 %); with six pairs more from a noisy hour, 21 pairs: 8.4 % against 6.7 %, not
+# significant (bench/results/overhead-cuts-2026-11-28.md). At 256 rows and more one call outlasts it.
 WARMUP_SECONDS = 0.02
 
 
