@@ -126,6 +126,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
     rows = []
     for n, budget, i in ((n, b, i) for n in batches for b in budgets for i in range(repeat)):
         samples = min(len(x), max(64 * n, 400))  # enough batches for a stable time, bounded at batch 1
+        samples -= samples % n if samples >= n else 0  # whole batches only: a ragged last one is not the size served
         row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples,
                                "calibration": i}
         example = x[: min(n, 256)]
