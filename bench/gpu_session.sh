@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks, prepared so that they fit a short device lease (at most about 8 minutes,
-# each part under its own time limit): install offline, run the kernel and family tests with the
-# kernels compiled for CUDA (and the real torchvision/timm models the GPU image has), then the GPU
-# benchmarks (kernels, anchor CNN end to end, the decision's tiles, per-exit overhead, time budgets on
-# the demo CNN) and a
-# summary against the bars of the kernels issue. Everything lands in $OUT (the device tool's folder,
-# eight files) or bench/results/<date>/; copy what matters into bench/results/ afterwards.
+# each part under its own time limit): install offline, run the kernel, backend and family tests with
+# the kernels compiled for CUDA (and the real torchvision/timm models the GPU image has), then the GPU
+# benchmarks (per-exit overhead, time budgets on the demo CNN and the ResNet example). With
+# KERNELS=1 it also runs the kernel benchmarks (anchor CNN end to end, the decision's tiles) and a
+# summary against the bars of the kernels issue. Everything lands in $OUT (the device tool's folder)
+# or bench/results/<date>/; copy what matters into bench/results/ afterwards.
 # The time-budget part needs the Fashion-MNIST files and the cached demo model: carry them as
 # .gpu_data/fashion-mnist and eenet_runs/demo (it is skipped without them).
 set -uo pipefail
@@ -19,16 +19,22 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/i
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null; git status --short 2>/dev/null | head -5
 } 2>&1 | tee "$out/tests.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_exit_decision.py tests/test_kernels_compaction.py \
-  tests/test_backends.py tests/test_kernels_compile.py tests/test_families.py 2>&1 | tee -a "$out/tests.txt" | tail -8
-timeout 150 python3 -m pytest -q -p no:cacheprovider bench/bench_kernels.py bench/bench_end_to_end.py \
-  --benchmark-json="$out/bench.json" --benchmark-columns=median,rounds >"$out/bench.txt" 2>&1
-tail -3 "$out/bench.txt"
-python3 bench/summarize_gpu.py "$out/bench.json" | tee "$out/summary.md"
-timeout 120 python3 bench/sweep_decision_tiles.py --json "$out/sweep.json" >"$out/sweep.txt" 2>&1; grep "best\|Error" "$out/sweep.txt"
-timeout 40 python3 bench/bench_overhead.py --device cuda --rounds 15 2>&1 | tee "$out/overhead.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_exit_decision.py tests/test_kernels_compaction.py \
+  tests/test_backends.py tests/test_decision.py tests/test_kernels_compile.py tests/test_families.py 2>&1 | tee -a "$out/tests.txt" | tail -8
+if [ "${KERNELS:-0}" = 1 ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider bench/bench_kernels.py bench/bench_end_to_end.py \
+    --benchmark-json="$out/bench.json" --benchmark-columns=median,rounds >"$out/bench.txt" 2>&1
+  tail -3 "$out/bench.txt"
+  python3 bench/summarize_gpu.py "$out/bench.json" | tee "$out/summary.md"
+  timeout 120 python3 bench/sweep_decision_tiles.py --json "$out/sweep.json" >"$out/sweep.txt" 2>&1; grep "best\|Error" "$out/sweep.txt"
+fi
+timeout 80 python3 bench/bench_overhead.py --device cuda --rounds 9 2>&1 | tee "$out/overhead.txt"
 if [ -d .gpu_data/fashion-mnist ] && [ -d eenet_runs/demo ]; then
   mkdir -p /usr/share/datasets && cp -r .gpu_data/fashion-mnist /usr/share/datasets/
-  timeout 90 python3 bench/bench_budget.py --model cnn --device cuda --batches 256 1024 4096 --budgets 0.5 0.7 \
-    --rounds 5 2>&1 | tee "$out/budget.log" | tail -12
+  timeout 90 python3 bench/bench_budget.py --model cnn --device cuda --threads 8 --batches 1024 4096 \
+    --budgets 0.5 0.7 --rounds 5 --seconds 3 --markdown "$out/budget-cnn.md" >"$out/budget-cnn.log" 2>&1
+  tail -14 "$out/budget-cnn.log"
+  timeout 150 python3 bench/bench_budget.py --model resnet --device cuda --threads 8 --batches 1024 4096 \
+    --budgets 0.5 0.7 --rounds 5 --seconds 3 --markdown "$out/budget-resnet.md" >"$out/budget-resnet.log" 2>&1
+  tail -12 "$out/budget-resnet.log"
 fi
