@@ -36,6 +36,7 @@ import torch
 from eenet_fast.batch import batch_size
 from eenet_fast.errors import InputError, PolicyError
 from eenet_fast.runtime import EarlyExitModel
+from eenet_fast.speed import median_iqr
 from eenet_fast.timing import full_pass, synchronizer
 
 __all__ = ["EarlyExitReport", "measure_early_exit"]
@@ -134,9 +135,8 @@ def measure_early_exit(
     benchmark.pedantic(lambda: timed("adaptive", model), setup=time_full, rounds=rounds, warmup_rounds=warmup)
     kept = len(times["adaptive"]) - (warmup if benchmark.enabled else 0)
     full_s, adaptive_s = np.array(times["full"][-kept:]), np.array(times["adaptive"][-kept:])
-    ratios = adaptive_s / full_s
+    ratio, ratio_iqr = median_iqr((adaptive_s / full_s).tolist())
     exits = torch.cat([out.exits for out in last["adaptive"]]).cpu()
-    q1, q3 = np.percentile(ratios, [25, 75])
     report = EarlyExitReport(
         policy=policy.name,
         budget=float(policy.budget),
@@ -145,8 +145,8 @@ def measure_early_exit(
         rounds=kept,
         adaptive_s=float(np.median(adaptive_s)),
         full_s=float(np.median(full_s)),
-        ratio=float(np.median(ratios)),
-        ratio_iqr=float(q3 - q1),
+        ratio=ratio,
+        ratio_iqr=ratio_iqr,
         exit_fractions=tuple((torch.bincount(exits, minlength=model.num_exits) / exits.numel()).tolist()),
         accuracy=None if labels is None else _accuracy([out.logits for out in last["adaptive"]], labels),
         full_accuracy=None if labels is None else _accuracy([_logits(out) for out in last["full"]], labels),

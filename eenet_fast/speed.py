@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,16 @@ class Speed:
     def speedup(self) -> float:
         """How many times faster adaptive inference ran: ``1 / share``."""
         return 1.0 / self.share
+
+
+def median_iqr(values: Sequence[float]) -> tuple[float, float]:
+    """The median of per-round ``values`` (at least one) and their interquartile range (the
+    ``statistics.quantiles`` quartiles; 0 for one value): how :func:`measure_speed` and the pytest
+    plugin report a time share."""
+    if len(values) == 1:
+        return float(values[0]), 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return float(statistics.median(values)), float(q3 - q1)
 
 
 def measure_speed(
@@ -86,8 +96,7 @@ def measure_speed(
             if r >= warmup:
                 full_s.append(middle - start)
                 adaptive_s.append(time.perf_counter() - middle)
-    shares = [a / f for a, f in zip(adaptive_s, full_s)]
-    q1, median, q3 = statistics.quantiles(shares, n=4) if rounds > 1 else shares * 3
-    speed = Speed(share=median, share_iqr=q3 - q1, full_s=statistics.median(full_s),
+    median, iqr = median_iqr([a / f for a, f in zip(adaptive_s, full_s)])
+    speed = Speed(share=median, share_iqr=iqr, full_s=statistics.median(full_s),
                   adaptive_s=statistics.median(adaptive_s), rounds=rounds)
     return speed, last

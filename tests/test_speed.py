@@ -6,6 +6,7 @@ import pytest
 
 from eenet_fast import InputError, measure_speed
 from eenet_fast import speed as speed_module
+from eenet_fast.speed import median_iqr
 
 
 class FakeClock:
@@ -61,3 +62,10 @@ def test_one_round_and_no_warmup(monkeypatch):
 def test_bad_rounds_are_refused(rounds, warmup):
     with pytest.raises(InputError, match="rounds >= 1 and warmup >= 0"):
         measure_speed(lambda: None, lambda: None, rounds=rounds, warmup=warmup)
+
+
+def test_median_iqr_by_hand():
+    # statistics.quantiles' default ("exclusive") quartiles of 1..7 are 2 and 6
+    assert median_iqr([7.0, 1.0, 4.0, 2.0, 6.0, 3.0, 5.0]) == (4.0, 4.0)
+    assert median_iqr([0.8]) == (0.8, 0.0)
+    assert median_iqr([1.0, 3.0]) == (2.0, 3.0)  # two rounds: the quartiles extrapolate to 0.5 and 3.5
