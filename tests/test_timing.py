@@ -118,7 +118,8 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
 
     monkeypatch.setattr(calibration, "leaving_first", leaving_first)
     monkeypatch.setattr(calibration, "measure_shares", measured)
-    first, rest, error = calibration._corrections(None, policy, None, latency)
+    first, rest, error, share = calibration._corrections(None, policy, None, latency)
+    assert share == pytest.approx(0.9)  # the policy's measured share, median over the rounds
     assert first == pytest.approx(0.8) and rest == pytest.approx(2.0)
     assert error == pytest.approx(0.9 - latency.predicted_fraction([1.0, 0.5]))  # measured less predicted
     assert latency.corrected(rest, first).predicted_fraction([1.0, 0.5]) == pytest.approx(0.9)
