@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import math
 import os
 import statistics
@@ -129,7 +130,7 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
         samples -= samples % n if samples >= n else 0  # whole batches only: a ragged last one is not the size served
         row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples,
                                "calibration": i}
-        example = x[: min(n, 256)]
+        example = x[: n if x.is_cuda else min(n, 256)]  # a GPU: real rows (calibrate's `example`), not 256 repeated
         options = {"seed": 0} if policy == "eenet" else {}
         try:
             fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)
@@ -233,6 +234,8 @@ def main() -> None:
                         help="calibrate each point this many times, measure each policy twice, and summarise the spread")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("eenet_fast.calibration").setLevel(logging.INFO)  # each policy measured on the example, in the log
     steady_allocator()  # else time shares at large batches switch between two levels (eenet_fast.allocator)
     setup = _demo_cnn() if args.model == "cnn" else _resnet()
     if args.device != "cpu":
