@@ -302,7 +302,7 @@ def _within_measured(measured: list[tuple[float, Policy, LatencyModel]], outputs
 
 MIN_LATER_REACH = 0.05  # below this share of samples beyond the first exit, one factor for every step
 CORRECTION_ROUNDS = 15  # the demo CNN at batch 256, 2 threads: one share spread 0.48-0.52 over 5 rounds, 0.48-0.49 over 15
-CORRECTION_PASSES = 2  # measure, correct and refit; measure the refit policy, and correct and refit again if it missed
+CORRECTION_PASSES = 2  # measure, correct and refit; measure the refit policy, and correct and refit again if it missed (then measure that one)
 VERIFIED_ERROR = 0.03  # a refit policy whose measured share is within this fraction of the budget of its prediction stays
 
 
