@@ -6,7 +6,7 @@
 # KERNELS=1 it also runs the kernel benchmarks (anchor CNN end to end, the decision's tiles) and a
 # summary against the bars of the kernels issue. Everything lands in $OUT (the device tool's folder)
 # or bench/results/<date>/; copy what matters into bench/results/ afterwards.
-# The budgets calibrate on a whole batch of real rows (46-111 s per calibration of the ResNet at 4096
+# The budgets calibrate on a whole batch of real rows (46-66 s per calibration of the ResNet at 4096
 # on an H200: 4096 first, so that a timeout cuts 1024; each row is printed to the log as it ends), and
 # the log has each policy measured on the example (the fallback of _within_measured).
 # The time-budget part needs the Fashion-MNIST files and the cached demo model: carry them as
