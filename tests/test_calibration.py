@@ -219,7 +219,7 @@ def test_the_refit_policy_is_measured_again_and_corrected_once_more_if_it_missed
     from eenet_fast import calibration
 
     model, outputs, example = _time_budget_setup(monkeypatch, floor=0.3)
-    measured = iter([(1.0, 1.5, 0.2, 0.6), (0.9, 1.2, second_error, 0.6), (0.8, 1.1, 0.1, 0.6)])
+    measured = iter([(1.0, 1.5, 0.2, 0.6, 0.0), (0.9, 1.2, second_error, 0.6, 0.0), (0.8, 1.1, 0.1, 0.6, 0.0)])
     calls = []
 
     def corrections(model, policy, example, latency):
@@ -240,7 +240,7 @@ def test_a_refit_policy_measured_over_the_budget_gives_way_to_a_measured_one_wit
     from eenet_fast import calibration
 
     model, outputs, example = _time_budget_setup(monkeypatch, floor=0.3)
-    measured = iter([(1.0, 1.5, -0.05, 0.55), (0.9, 1.2, 0.06, 0.66), (0.9, 1.2, 0.1, 0.70)])
+    measured = iter([(1.0, 1.5, -0.05, 0.55, 0.0), (0.9, 1.2, 0.06, 0.66, 0.0), (0.9, 1.2, 0.1, 0.70, 0.01)])
     installed = []
     monkeypatch.setattr(calibration, "_corrections", lambda model, policy, example, latency: (installed.append(policy), next(measured))[1])
     policy = model.calibrate(outputs, 0.6, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
@@ -261,13 +261,16 @@ def test_the_most_accurate_measured_policy_within_the_budget_is_installed_and_no
     latency = LatencyModel((1, 2), torch.tensor([[0.3, 0.6], [0.6, 1.2]], dtype=torch.float64),
                            torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(3, 2))
     final = copy.deepcopy(at_first)
-    measured = [(0.50, at_first, latency), (0.62, at_last, latency.corrected(1.1)), (0.90, final, latency.corrected(0.8))]
+    measured = [(0.50, 0.0, at_first, latency), (0.62, 0.0, at_last, latency.corrected(1.1)), (0.90, 0.01, final, latency.corrected(0.8))]
     policy, chosen = calibration._within_measured(measured, outputs, 0.6)  # 0.62 is within 5 % of 0.6
     assert policy is at_last and chosen.correction == 1.1
     assert calibration._within_measured(measured[:1] + measured[2:], outputs, 0.6)[0] is at_first
     assert calibration._within_measured(measured[2:], outputs, 1.0)[0] is final  # the last one within: it stays
     with pytest.warns(UserWarning, match="cheapest took 0.620"):
         assert calibration._within_measured(measured[1:], outputs, 0.5)[0] is at_last
+    # a reading over the budget by less than twice the noise of its median does not count
+    noisy = [(0.50, 0.0, at_first, latency), (0.90, 0.15, final, latency)]  # 0.90 - 2 x 0.15 <= 1.05 x 0.6
+    assert calibration._within_measured(noisy, outputs, 0.6)[0] is final
 
 
 def test_the_exit_mix_of_a_time_budget_is_chosen_on_the_time_model_not_one_reach_price():

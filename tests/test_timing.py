@@ -118,8 +118,9 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
 
     monkeypatch.setattr(calibration, "leaving_first", leaving_first)
     monkeypatch.setattr(calibration, "measure_shares", measured)
-    first, rest, error, share = calibration._corrections(None, policy, None, latency)
+    first, rest, error, share, noise = calibration._corrections(None, policy, None, latency)
     assert share == pytest.approx(0.9)  # the policy's measured share, median over the rounds
+    assert noise > 0.05  # rounds +-0.3 apart: the median is uncertain
     assert first == pytest.approx(0.8) and rest == pytest.approx(2.0)
     assert error == pytest.approx(0.9 - latency.predicted_fraction([1.0, 0.5]))  # measured less predicted
     assert latency.corrected(rest, first).predicted_fraction([1.0, 0.5]) == pytest.approx(0.9)
@@ -134,6 +135,7 @@ def test_corrections_solve_the_first_exit_and_the_later_ones_from_two_measured_s
 
     monkeypatch.setattr(calibration, "measure_shares", lambda *a: ([[0.6] * 5, [0.5] * 5], [[1.0, 0.01], [1.0, 0.0]]))
     assert calibration._corrections(None, policy, None, latency)[:2] == pytest.approx((1.2, 1.2), rel=0.02)  # too few run on
+    assert calibration._corrections(None, policy, None, latency)[4] == 0.0  # equal rounds: no noise
 
 
 def test_record_round_trip_and_bad_records():
