@@ -20,9 +20,9 @@ from eenet_fast.costs import CostSpec, measure_costs
 from eenet_fast.errors import BudgetError, InputError, PolicyError
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
-from eenet_fast.speed import median_iqr
 from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
 from eenet_fast.allocator import allocator_is_steady
+from eenet_fast.speed import median_iqr
 from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, leaving_first, measure_shares, reach, time_exits
 
 logger = logging.getLogger(__name__)
@@ -283,13 +283,16 @@ def _within_measured(measured: list[tuple[float, float, Policy, LatencyModel]], 
     to 3.9 ms between 1536 and 2048 rows, and a refit policy beyond it served 0.90,
     ``bench/results/gpu-h200-diagnose-4096-2026-11-28.md``). When none is within, the cheapest
     measured one, with a warning."""
-    within = [m for m in measured if m[0] - 2 * m[1] <= value * (1 + MEASURED_OVER)]
+    def fits(m: tuple[float, float, Policy, LatencyModel]) -> bool:
+        share, noise, _, _ = m
+        return share - 2 * noise <= value * (1 + MEASURED_OVER)
+
     share, _, policy, latency = measured[-1]
-    if within and within[-1] is measured[-1]:
+    if fits(measured[-1]):
         return policy, latency
+    within = [m for m in measured if fits(m)]
     if within:
-        accuracy = lambda p: float(outputs.correct.gather(0, p.assign(outputs)[None]).double().mean())  # noqa: E731
-        chosen, _, policy, latency = max(within, key=lambda m: (accuracy(m[2]), m[0]))
+        chosen, _, policy, latency = max(within, key=lambda m: (_accuracy(m[2], outputs), m[0]))
         logger.info("time budget %.3f: the last policy measured at %.3f; installed the one measured at %.3f", value, share, chosen)
         return policy, latency
     share, _, policy, latency = min(measured, key=lambda m: m[0])
@@ -301,6 +304,11 @@ def _within_measured(measured: list[tuple[float, float, Policy, LatencyModel]], 
         stacklevel=3,
     )
     return policy, latency
+
+
+def _accuracy(policy: Policy, outputs: ExitOutputs) -> float:
+    """``policy``'s accuracy on the labelled ``outputs``."""
+    return float(outputs.correct.gather(0, policy.assign(outputs)[None]).double().mean())
 
 
 MIN_LATER_REACH = 0.05  # below this share of samples beyond the first exit, one factor for every step
@@ -439,7 +447,7 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
     costs and the timing spread, and says which of the two the timing thread's share of the wall
     time (:attr:`LatencyModel.cpu_share`) points to."""
     full = float(outputs.correct[-1].double().mean())
-    ours = float(outputs.correct.gather(0, policy.assign(outputs)[None]).double().mean())
+    ours = _accuracy(policy, outputs)
     if full - ours <= 0.03:
         return
     flops = measure_costs(model, "flops", example)
@@ -447,7 +455,7 @@ def warn_if_starved(policy: Policy, outputs: ExitOutputs, latency: LatencyModel,
         easy = make_policy("maxprob").fit(outputs.with_costs(flops), min(float(policy.budget), 1.0))
     except BudgetError:
         return
-    if full - float(outputs.correct.gather(0, easy.assign(outputs)[None]).double().mean()) > 0.01:
+    if full - _accuracy(easy, outputs) > 0.01:
         return
     busy = latency.cpu_share < BUSY_CPU_SHARE
     warnings.warn(
