@@ -20,7 +20,7 @@ import torch
 
 from eenet_fast.errors import InputError
 
-__all__ = ["Shared", "map_batch", "batch_size", "move_to", "describe"]
+__all__ = ["Shared", "map_batch", "batch_size", "lead_tensor", "move_to", "describe"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,14 +59,20 @@ def map_batch(fn: Callable[[torch.Tensor], torch.Tensor], state: Any, size: int,
 def batch_size(x: Any) -> int:
     """Number of samples in ``x``: the first dimension of ``x``, or of the first tensor with one in
     a tuple/list/dict ``x`` (:class:`Shared` values aside)."""
+    return lead_tensor(x).shape[0]
+
+
+def lead_tensor(x: Any) -> torch.Tensor:
+    """The tensor that gives ``x`` its batch size (see :func:`batch_size`): ``x`` itself, or the first
+    tensor with a dimension in a tuple/list/dict ``x``."""
     if isinstance(x, torch.Tensor):
         if not x.ndim:
             raise InputError("a 0-d tensor is not a batch: give inputs as [B, ...]")
-        return x.shape[0]
+        return x
     values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
     for value in values:
         if isinstance(value, torch.Tensor) and value.ndim:
-            return value.shape[0]
+            return value
     raise InputError(
         f"cannot find the batch in the input: expected a tensor [B, ...] or a tuple/dict of them, got {type(x).__name__}"
     )

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from eenet_fast.backends import Backend, select_backend
-from eenet_fast.batch import batch_size, describe, map_batch
+from eenet_fast.batch import describe, lead_tensor, map_batch
 from eenet_fast.calibration import calibrate, collect
 from eenet_fast.control import BudgetController
 from eenet_fast.costs import CostSpec, measure_costs
@@ -178,9 +178,9 @@ class EarlyExitModel(nn.Module):
             raise RuntimeError("the controller was built for another policy: set model.controller = BudgetController(model.policy, val)")
         # read to the host once, before any work is queued: not once per exit, waiting for each stage
         thresholds = (policy.thresholds if controller is None else controller.thresholds()).tolist()
-        device = self.device
+        lead = lead_tensor(x)  # the batch's device: no walk over the model's parameters at every call
+        batch, device = lead.shape[0], lead.device
         backend = select_backend(self.backend, device)
-        batch = batch_size(x)
         map_batch(lambda t: t, x, batch, "the input")  # the per-sample contract, checked before any work
         # exits after which the leaving rows ride on to the next compaction instead of being gathered
         # out (the time model's plan, where the gather costs more than running them): their id
@@ -196,6 +196,8 @@ class EarlyExitModel(nn.Module):
                 if not bool((ids != gone).any()):  # every row has left: the one host read of this exit
                     break
             elif k < self.num_exits - 1:
+                if not riders and leave.device.type == "cpu" and bool(leave.all()):
+                    break  # every row has left (common at small batches): nothing to compact or run on
                 state, ids, scores, predictions = backend.compact(
                     ~leave & (ids != gone) if riders else ~leave, state, ids, history.scores, history.predictions,
                     where=f"the output of stage {k}",

@@ -66,6 +66,19 @@ def test_eenet_is_deterministic_under_a_seed(synthetic_val, synthetic_test):
     assert torch.equal(a.assign(synthetic_test), b.assign(synthetic_test))
 
 
+def test_eenet_scores_follow_new_scheduler_weights(synthetic_val, synthetic_test):
+    """score() reads the heads' weights through a cache (no module call at every exit): weights
+    loaded into a scored policy, or changed in place, are the ones it scores with."""
+    a, b = fit("eenet", synthetic_val, 0.5, seed=1), fit("eenet", synthetic_val, 0.5, seed=2)
+    before = a.exit_scores(synthetic_test)
+    assert not torch.equal(before, b.exit_scores(synthetic_test))
+    a.load_state_tensors(b.state_tensors())
+    assert torch.equal(a.exit_scores(synthetic_test), b.exit_scores(synthetic_test))
+    with torch.no_grad():
+        a.scheduler.score_heads[0].linear.add_(1.0)  # the score at exit 1 gains the max score and its entropy
+    assert not torch.equal(a.exit_scores(synthetic_test)[0], b.exit_scores(synthetic_test)[0])
+
+
 def test_eenet_beats_maxprob_when_confidence_is_miscalibrated_per_class(synthetic_val, synthetic_test):
     for budget in (0.5, 0.7):
         eenet = evaluate(fit("eenet", synthetic_val, budget), synthetic_test)

@@ -10,6 +10,7 @@ from model_utils import C, D, K, mlp_model, random_policy, simulate, with_plan
 from torch import nn
 
 from eenet_fast import InputError, make_policy
+from eenet_fast.backends import TorchBackend
 from eenet_fast.outputs import ExitOutputs
 from eenet_fast.runtime import EarlyExitModel
 
@@ -80,18 +81,23 @@ def test_dict_stage_outputs_are_compacted_together(batch, plan):
         torch.testing.assert_close(model(alone).logits[0], result.logits[i])
 
 
-def test_rows_riding_on_stop_the_forward_once_every_sample_has_left():
-    """With no compaction planned, the rows leaving at exit 1 ride on; once every row has left, no
-    later stage runs, and the outputs hold the batch's rows only."""
+@pytest.mark.parametrize("plan", [(False, False), None])
+def test_the_forward_stops_once_every_sample_has_left(plan, monkeypatch):
+    """Once every row has left, no later stage runs and nothing is compacted, and the outputs hold
+    the batch's rows only: with no compaction planned (the leaving rows ride on) and with one planned
+    (on the CPU, where reading the flags costs nothing, the forward stops before the compaction)."""
     model = mlp_model()
-    calls = []
+    calls, compactions = [], []
     model.stages[1].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    policy = with_plan(random_policy(model, "maxprob", 0, 0.5), (False, False))
+    compact = TorchBackend.compact
+    monkeypatch.setattr(TorchBackend, "compact", staticmethod(lambda keep, *a, **kw: compactions.append(keep) or compact(keep, *a, **kw)))
+    policy = with_plan(random_policy(model, "maxprob", 0, 0.5), plan)
     x = torch.randn(9, D)
     calls.clear()  # (fitting the policy ran every stage)
     policy.thresholds = torch.tensor([-float("inf"), 0.0, 0.0])  # every sample leaves at exit 1
     result = model(x)
-    assert calls == [] and (result.exits == 0).all() and result.logits.shape == (9, C) and result.predictions.shape == (9,)
+    assert calls == [] and compactions == []
+    assert (result.exits == 0).all() and result.logits.shape == (9, C) and result.predictions.shape == (9,)
     policy.thresholds = torch.tensor([float("inf"), -float("inf"), 0.0])  # none leaves at exit 1: all run stage 2
     assert (model(x).exits == 1).all() and calls == [9]
 

@@ -114,7 +114,7 @@ class Policy(nn.Module, ABC):
 
     def score_head_on(self, k: int, device: torch.device) -> ScoreHeadParams | None:
         """:meth:`score_head` on ``device``, built once per fitted policy, exit and device (the
-        Triton backend asks for it at every exit of every batch)."""
+        Triton backend and EENet's :meth:`score` ask for it at every exit of every batch)."""
         key = (k, str(device))
         if key not in self._score_heads_on:
             head = self.score_head(k)

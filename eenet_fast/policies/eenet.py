@@ -213,18 +213,17 @@ class EENetPolicy(Policy):
         except RuntimeError as error:  # missing or unexpected weights, or other shapes than hidden/exits/classes give
             raise PolicyError(f"eenet: the scheduler's weights do not fit its options and classes: {error}") from None
         self.scheduler = scheduler.requires_grad_(False).to(self.thresholds.device)
+        self._score_heads_on = {}  # score() reads the heads' weights through this cache
 
     # -------------------------------------------------------------- scoring
     def score(self, k: int, features: ExitFeatures, history: ExitHistory) -> torch.Tensor:
         if self.scheduler is None:
             raise RuntimeError("the EENet policy is not fitted: call .fit(val, budget) first")
         g = Scheduler.confidences(features.max_score, features.entropy_conf, history.scores)
-        head = self.scheduler.score_heads[k]
-        device = head.linear.device  # the policy moves with the model it is installed in
-        with torch.no_grad():
-            if g.device == device:  # the runtime's case: no three no-op moves at every exit
-                return head(features.probs, g)
-            return head(features.probs.to(device), g.to(device)).to(g.device)
+        # the head's weights as detached tensors on the features' device, built once per fit and
+        # device: the ScoreHead's own arithmetic (head_score), without a module call at every exit
+        head = self.score_head_on(k, g.device)
+        return head_score(features.probs, g, head.class_weight, head.linear, head.mlp_weight, head.mlp_bias, head.mlp_out)
 
     def score_head(self, k: int) -> ScoreHeadParams:
         if self.scheduler is None:
