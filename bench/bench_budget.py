@@ -130,7 +130,9 @@ def run(setup: dict[str, Any], policy: str, batches: tuple[int, ...], budgets: t
         samples -= samples % n if samples >= n else 0  # whole batches only: a ragged last one is not the size served
         row: dict[str, Any] = {"model": setup["name"], "policy": policy, "batch": n, "budget": budget, "samples": samples,
                                "calibration": i}
-        example = x[: n if x.is_cuda else min(n, 256)]  # a GPU: real rows (calibrate's `example`), not 256 repeated
+        # real rows (calibrate's `example`): a whole batch on a GPU; on the CPU at least 256, which
+        # small batches are timed on in distinct batches
+        example = x[: n if x.is_cuda else max(n, 256)]
         options = {"seed": 0} if policy == "eenet" else {}
         try:
             fitted = model.calibrate(val, budget, policy, costs="latency", example=example, batch_size=n, progress=False, **options)

@@ -108,7 +108,9 @@ def calibrate(
             rows: there a stage's time can jump with its batch size, and repeated rows can send a
             stage a number of rows on the other side of the jump than real batches do (the ResNet
             example at batch 4096 on an H200, one policy: 0.59 of the full model's time on 256
-            rows repeated, 0.82 on 4096 test rows).
+            rows repeated, 0.82 on 4096 test rows). At a small ``batch_size``, give more rows than
+            that (a few hundred): whole adaptive forwards are timed on up to 256 of them in
+            distinct batches, so the share of rows that runs on is the policy's, not one batch's.
         progress: progress bars (collection, and the policy's training when it has one).
         batch_size: with ``costs="latency"``, the batch size served (default: the example's).
         confidence: certify the budget at this level (e.g. 0.95) on a held-out half of the

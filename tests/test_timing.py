@@ -228,6 +228,26 @@ def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_mod
     assert model.policy is installed and model.controller is None
 
 
+def test_measure_shares_runs_an_example_larger_than_the_batch_in_distinct_batches():
+    """At batch 8 an example of 40 rows is timed as 5 batches of its own rows: the reach is the
+    policy's over all 40, not that of the first 8 repeated."""
+    from eenet_fast import timing
+
+    torch.manual_seed(0)
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    x = torch.randn(40, 1, 28, 28)
+    outputs = model.collect([(x, torch.randint(10, (40,)))], progress=False).with_costs([0.5, 1.0])
+    policy = make_policy("maxprob").fit(outputs, 0.75)
+    policy.thresholds[0] = outputs.features[0].max_score.median()  # about half the rows leave at exit 1
+    model.policy = policy
+    every = timing.reach(model(x).exits, 2)
+    assert every != timing.reach(model(x[:8]).exits, 2)  # the first batch alone would give another reach
+    _, reaches = measure_shares(model, [policy], x, 8, rounds=1)
+    assert reaches == [every]
+    assert len(timing._batches(x, 8)) == 5 and len(timing._batches(x, 64)) == 1  # fewer rows than the batch: repeated
+    assert len(timing._batches(torch.randn(1000, 3), 1)) == timing.MEASURED_BATCHES
+
+
 def test_a_timing_follows_untimed_calls_for_the_warmup(monkeypatch):
     """Adaptive forwards run slow for several calls after other work: the ladder's forwards and
     full passes and both sides of each measure_shares round are timed after WARMUP_SECONDS of the
