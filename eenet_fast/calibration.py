@@ -247,7 +247,7 @@ def _fit_for_time(
     # whole adaptive forwards against the full model on the example: what the steps timed apart
     # miss; the refitted policy is measured once more, and corrected again unless that holds. A
     # policy refit after the last correction is measured too (it is not corrected again)
-    measured: list[tuple[float, Policy, LatencyModel]] = []
+    measured: list[tuple[float, float, Policy, LatencyModel]] = []  # (share, noise, policy, its time model)
     for check in range(CORRECTION_PASSES + 1):
         fitted.latency = latency.planned(shares)  # the compaction plan its forwards follow
         first, rest, error, share, noise = _corrections(model, fitted, example, latency)

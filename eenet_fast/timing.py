@@ -638,10 +638,10 @@ def _batches(x: Any, n: int) -> list[Any]:
     give a reach in steps of 1/8 that may sit far from the policy's mean (demo CNN at 8 / 0.7: a policy
     sending 4 % of the test samples past the first exit measured 0.505 on the example's first 8 rows
     and served 0.645 over 64 batches of test rows)."""
-    count = min(batch_size_of(x) // n, MEASURED_BATCHES, max(1, MEASURED_ROWS // n))
+    size = batch_size_of(x)
+    count = min(size // n, MEASURED_BATCHES, max(1, MEASURED_ROWS // n))
     if count <= 1:
         return [_rows(x, n)]
-    size = batch_size_of(x)
     return [map_batch(lambda t, i=i: t[i * n:(i + 1) * n], x, size, "the example") for i in range(count)]
 
 
