@@ -23,7 +23,9 @@ from eenet_fast.policies import POLICIES, Policy, make_policy, parse_budget
 from eenet_fast.policies.thresholds import assign_exits, exit_mix, thresholds_for_fractions, tilt
 from eenet_fast.allocator import allocator_is_steady
 from eenet_fast.speed import median_iqr
-from eenet_fast.timing import BUSY_CPU_SHARE, LatencyModel, decision_times, leaving_first, measure_shares, reach, time_exits
+from eenet_fast.timing import (
+    BUSY_CPU_SHARE, LatencyModel, decision_times, leaving_first, measure_floors, measure_shares, reach, time_exits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def calibrate(
             with no costs at all; outputs of another number of exits.
         PolicyError: a policy that needs labels at inference, or bad policy options.
         BudgetError: a budget that cannot be read or met (for a time budget: at ``batch_size``; the
-            message gives the smallest feasible budget at each batch size timed).
+            message gives the smallest feasible budget at each batch size timed, each measured in
+            whole forwards: about 7 s more on the demo CNN at batch 256).
 
     The policy, its options and the budget's syntax are checked before any output is collected.
     """
@@ -208,7 +211,7 @@ def _fit_for_time(
             stacklevel=3,
         )
     latency = _measured_floor(model, None, example, time_exits(model, example, batch_size, progress=progress))
-    value = check_time_budget(budget, latency)
+    value = _feasible(model, budget, example, latency)
     smallest = latency.smallest_budgets()[latency.batch_size]
     guess = min(max((value - smallest) / max(1.0 - smallest, 1e-9), 0.25), 1.0)
 
@@ -237,10 +240,12 @@ def _fit_for_time(
     fitted = fit_at([guess**k for k in range(model.num_exits)], value)
     extra = decision_times(model, fitted, latency.batch_sizes, outputs.num_classes)
     extra -= decision_times(model, make_policy("maxprob"), latency.batch_sizes, outputs.num_classes)
+    timed_with = None  # the policy whose decision the exits were timed with (None: the max-score one)
     if float((extra / latency.exit_times.clamp_min(1e-9)).max()) > 0.02:  # a dearer decision: time it in the forwards
-        latency = time_exits(model, example, batch_size, policy=fitted, threads=latency.threads, progress=progress)
-        latency = _measured_floor(model, fitted, example, latency)
-        check_time_budget(value, latency)
+        timed_with = fitted
+        latency = time_exits(model, example, batch_size, policy=timed_with, threads=latency.threads, progress=progress)
+        latency = _measured_floor(model, timed_with, example, latency)
+        _feasible(model, value, example, latency, timed_with)
     fitted, shares = settle(reach_of(fitted))
     if not certified:
         shares = _most_accurate_in_time(fitted, outputs, latency, value)
@@ -259,7 +264,7 @@ def _fit_for_time(
         if abs(first / latency.first_factor - 1) <= 0.02 and abs(rest / latency.correction - 1) <= 0.02:
             break
         latency = latency.corrected(rest, first)
-        check_time_budget(value, latency)
+        _feasible(model, value, example, latency, timed_with)
         fitted, shares = settle(shares)
         if not certified:
             shares = _most_accurate_in_time(fitted, outputs, latency, value)
@@ -417,6 +422,15 @@ def _tied(best: torch.Tensor, other: torch.Tensor) -> bool:
     return float((best - other).sum()) <= math.sqrt(float((best != other).sum()))
 
 
+def _feasible(model: EarlyExitModel, budget: float | str, example: Any, latency: LatencyModel, policy: Policy | None = None) -> float:
+    """:func:`check_time_budget`, with the floors at the smaller batch sizes measured in whole
+    forwards (:func:`~eenet_fast.timing.measure_floors`, with ``policy``'s decision) before the
+    error names them, when the budget is infeasible."""
+    if parse_budget(budget, 1.0) < latency.smallest_budgets()[latency.batch_size]:
+        latency = measure_floors(model, example, latency, policy)
+    return check_time_budget(budget, latency)
+
+
 def check_time_budget(budget: float | str, latency: LatencyModel) -> float:
     """A time ``budget`` as a share of the full model's time (``"0.5x"`` and ``"50%"`` are half of
     it). Raises :class:`BudgetError` when no policy can meet it at the serving batch size, naming
@@ -430,7 +444,8 @@ def check_time_budget(budget: float | str, latency: LatencyModel) -> float:
         error = BudgetError(
             f"a time budget of {value:.3g} cannot be met at batch size {n}: even with every sample leaving at the "
             f"first exit, adaptive inference takes {smallest[n]:.3f} of the full model's time there (the first stage, "
-            f"its head, the exit decision and the compaction). Smallest feasible budget by batch size: {table}. "
+            f"its head, the exit decision and the compaction). Smallest feasible budget by batch size ("
+            + ("measured in whole forwards" if latency.floors else f"predicted by the time model away from {n}") + f"): {table}. "
             f"Raise the budget, serve larger batches, or run the full model"
             + (" (early exit does not pay at this batch size)" if smallest[n] >= 1 else "")
         )

@@ -155,7 +155,7 @@ def demo(data: Path | None, out: Path, epochs: int, budgets: tuple[str, ...], sp
         f"exit mix {' / '.join(f'{100 * f:.1f}%' for f in s['exit_fractions'])}"
         + (f" ({s['exits_off_by_rounding']} sample(s) at a neighbouring exit: scores at a threshold, where the "
            "logits' last bits decide)" if s.get("exits_off_by_rounding") else "") + "\n"
-        f"  smallest feasible time budget by batch size (measured at {s['batch_size']}, predicted by the time model at the others): "
+        f"  smallest feasible time budget by batch size (every sample leaving at exit 1, measured in whole forwards): "
         f"{', '.join(f'{n}: {b:.2f}' for n, b in s['smallest_budget_by_batch'].items())}"
     )
     off = share / s["predicted_time_share"]

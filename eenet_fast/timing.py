@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import statistics
 import sys
 import time
 import warnings
@@ -69,7 +70,7 @@ from eenet_fast.threads import torch_threads
 if TYPE_CHECKING:
     from eenet_fast.runtime import EarlyExitModel
 
-__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "decision_times", "leaving_first"]
+__all__ = ["LatencyModel", "clock", "ladder", "time_exits", "measure_shares", "measure_floors", "decision_times", "leaving_first"]
 
 
 def ladder(batch_size: int) -> tuple[int, ...]:
@@ -108,6 +109,9 @@ class LatencyModel:
             (``None``: compact after every exit). Where it is false, the rows leaving there are not
             gathered out: they ride along to the next compaction, their results already written
             (:meth:`plan` chooses it).
+        floors: ``(batch size, share)`` pairs: the smallest feasible time budget measured in whole
+            forwards at batch sizes other than the serving one (:func:`measure_floors`); empty when
+            not measured (:meth:`smallest_budgets` then predicts them).
     """
 
     batch_sizes: tuple[int, ...]
@@ -120,6 +124,7 @@ class LatencyModel:
     first_correction: float | None = None
     compact_times: torch.Tensor | None = None
     compact_after: tuple[bool, ...] | None = None
+    floors: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         sizes, num_sizes = self.batch_sizes, len(self.batch_sizes)
@@ -144,6 +149,9 @@ class LatencyModel:
             raise ValueError(f"need compact_times [K, {num_sizes}] of finite seconds >= 0, got {list(self.compact_times.shape)}")
         if self.compact_after is not None and len(self.compact_after) != self.exit_times.shape[0] - 1:
             raise ValueError(f"need one compaction flag per exit before the last, got {len(self.compact_after)}")
+        for m, share in self.floors:
+            if m not in sizes or not (math.isfinite(share) and share > 0):
+                raise ValueError(f"floors must pair timed batch sizes {list(sizes)} with positive shares, got {list(self.floors)}")
         times_ok = torch.isfinite(self.exit_times).all() and torch.isfinite(self.full_times).all()
         if not (times_ok and (self.exit_times >= 0).all() and (self.full_times > 0).all()):
             raise ValueError("times must be finite, the exits' >= 0 and the full model's > 0")
@@ -285,11 +293,14 @@ class LatencyModel:
         """The smallest feasible time budget (every sample leaving at the first exit) at each timed batch size.
 
         At the serving batch size this is the floor measured in whole forwards (calibration's first
-        correction); at the others it is the ladder's prediction with that correction applied, and
-        the ladder is noisy at small sizes: on the demo CNN, timed up to 256, two ladders read 1.05
-        and 0.81 at batch 1 where whole forwards measured 0.92 and 0.77. Calibrate for the batch
-        size served to know its floor."""
-        return {n: self.predicted_fraction([1.0], n, plan=()) for n in self.batch_sizes}  # no row kept: no gather
+        correction); at the others the floor measured by :func:`measure_floors` (``floors``: the
+        demo measures them, and so does a calibration whose budget is infeasible, for its error),
+        else the ladder's prediction with that correction applied, which is noisy at small sizes:
+        on the demo CNN, timed up to 256, two ladders read 1.05 and 0.81 at batch 1 where whole
+        forwards measured 0.92 and 0.77."""
+        measured = dict(self.floors)
+        return {n: measured[n] if n in measured and n != self.batch_size else self.predicted_fraction([1.0], n, plan=())
+                for n in self.batch_sizes}  # no row kept: no gather
 
     def with_extra(self, extra: torch.Tensor) -> "LatencyModel":
         """The model with ``extra`` (``[K, L]`` seconds) added to the exit steps."""
@@ -313,6 +324,7 @@ class LatencyModel:
             "cpu_share": self.cpu_share,
             "compact_times": None if self.compact_times is None else self.compact_times.tolist(),
             "compact_after": None if self.compact_after is None else list(self.compact_after),
+            "floors": [[m, share] for m, share in self.floors],
         }
 
     @classmethod
@@ -329,6 +341,7 @@ class LatencyModel:
             None if record.get("first_correction") is None else float(record["first_correction"]),
             None if record.get("compact_times") is None else torch.tensor(record["compact_times"], dtype=torch.float64),
             None if record.get("compact_after") is None else tuple(bool(f) for f in record["compact_after"]),
+            tuple((int(m), float(share)) for m, share in record.get("floors", [])),
         )
 
 
@@ -624,6 +637,28 @@ def measure_shares(
                 with _installed(model, policy):
                     own.append(_timed(forwards, repeats, sync, now, WARMUP_SECONDS) / full)
     return shares, reaches
+
+
+FLOOR_ROUNDS = 5  # demo CNN, 2 threads, batch 1 to 256: about 7 s in all; one size's median moved by up to 0.09 between
+# two sweeps (at 15 rounds, 20 s, the same; two sweeps minutes apart differed by 0.19 at batch 1: the machine's level moves)
+
+
+def measure_floors(model: EarlyExitModel, example: Any, latency: LatencyModel, policy: Policy | None = None,
+                   rounds: int = FLOOR_ROUNDS) -> LatencyModel:
+    """``latency`` with the smallest feasible time budget measured at each of its batch sizes
+    below the serving one (``floors``, read by :meth:`LatencyModel.smallest_budgets`): the median
+    time share over ``rounds`` rounds of :func:`measure_shares` of forwards in which every sample
+    leaves at the first exit (``policy``'s decision, default the max-score one), on
+    ``latency.threads`` threads and distinct batches of ``example`` where it holds more rows.
+    The ladder's prediction there is a difference of minima timed apart, with the serving size's
+    correction applied: on the demo CNN it put batch 1 at 1.05-1.39 where whole forwards measured
+    0.72-0.94."""
+    leaving = leaving_first(model, example, policy)
+    floors = []
+    for n in latency.batch_sizes[:-1]:
+        (shares,), _ = measure_shares(model, [leaving], example, n, rounds, latency.threads)
+        floors.append((n, statistics.median(shares)))
+    return replace(latency, floors=tuple(floors))
 
 
 MEASURED_ROWS = 256  # whole forwards are timed over up to this many distinct rows of the example (or one batch) ...

@@ -31,7 +31,7 @@ def test_latency_calibration_fits_the_time_model_of_the_serving_batch():
         model.calibrate(outputs, 0.5, "maxprob", costs="latency")
     with pytest.raises(ValueError, match="needs costs='latency'"):
         model.calibrate(outputs, 0.5, "maxprob", costs=[1.0, 2.0, 3.0], batch_size=8)
-    with pytest.raises(BudgetError, match="cannot be met at batch size 16.*Smallest feasible budget by batch size: 1: "):
+    with pytest.raises(BudgetError, match="cannot be met at batch size 16.*Smallest feasible budget by batch size \\(measured in whole forwards\\): 1: "):
         model.calibrate(outputs, 0.001, "maxprob", costs="latency", example=x[:8], batch_size=16, progress=False)
     # a tiny model's exits cost more than its stages: a budget of three full models is always feasible
     policy = model.calibrate(outputs, 3.0, "maxprob", costs="latency", example=x[:8], batch_size=16, progress=False)
@@ -178,8 +178,10 @@ def _leaves_first(policy) -> bool:
 
 def _time_budget_setup(monkeypatch, floor: float):
     """A small model and outputs whose calibration for a time budget runs on a fixed ladder
-    (floor 0.3 at batch 2) and forwards measured at ``floor`` when every sample leaves first."""
-    from eenet_fast import calibration
+    (floor 0.3 at batch 2) and forwards measured at ``floor`` when every sample leaves first (at
+    batch 1, by :func:`~eenet_fast.timing.measure_floors`: ``floor / 1``; patched apart so the two
+    measurements can be told apart)."""
+    from eenet_fast import calibration, timing
     from eenet_fast.timing import LatencyModel
 
     model = wrap(MultiExitCNN(widths=(4, 8))).eval()
@@ -190,8 +192,11 @@ def _time_budget_setup(monkeypatch, floor: float):
                            torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(3, 2))
     monkeypatch.setattr(calibration, "time_exits", lambda *args, **kwargs: latency)
     monkeypatch.setattr(calibration, "decision_times", lambda model, policy, sizes, classes: torch.zeros(2, len(sizes), dtype=torch.float64))
+    measured = lambda model, policies, example, n, rounds, threads: (  # noqa: E731
+        [[floor / n if _leaves_first(p) else 0.6] * rounds for p in policies], [[1.0, 0.5] for _ in policies])
     monkeypatch.setattr(calibration, "measure_shares", lambda model, policies, example, n, rounds, threads: (
         [[floor if _leaves_first(p) else 0.6] * rounds for p in policies], [[1.0, 0.5] for _ in policies]))
+    monkeypatch.setattr(timing, "measure_shares", measured)  # the floors below the serving batch: floor / n
     monkeypatch.setattr(calibration, "warn_if_starved", lambda *args: None)
     return model, outputs, x[:2]
 
@@ -206,6 +211,8 @@ def test_whether_a_time_budget_can_be_met_is_decided_on_the_measured_floor(monke
     with pytest.raises(BudgetError, match="takes 0.450 of the full model's time") as refused:
         model.calibrate(outputs, 0.4, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
     assert refused.value.smallest_feasible == pytest.approx(0.45)
+    # the error's table: batch 1's floor measured in whole forwards too, not the ladder's 0.3 corrected
+    assert "by batch size (measured in whole forwards): 1: 0.450, 2: 0.450" in str(refused.value)
     policy = model.calibrate(outputs, 0.6, "maxprob", costs="latency", example=example, batch_size=2, progress=False)
     assert policy.latency.smallest_budgets()[2] == pytest.approx(0.45, rel=0.03)
 

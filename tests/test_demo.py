@@ -23,6 +23,9 @@ def test_demo_trains_calibrates_and_runs_adaptive_inference(tmp_path):
     assert (tmp_path / "eenet_policy.safetensors").exists() and (tmp_path / "accuracy_vs_cost.png").exists()
     assert (tmp_path / "time_by_batch_size.png").exists() and 0 < speed["predicted_time_share"]
     assert speed["smallest_budget_by_batch"]["256"] <= float(speed["budget"])
+    smallest = speed["smallest_budget_by_batch"]  # measured in whole forwards at every batch size of the ladder
+    assert list(smallest) == [str(1 << i) for i in range(9)] and all(b > 0 for b in smallest.values())
+    assert "measured in whole forwards" in result.output
     again = CliRunner().invoke(main, args)  # cached: no training the second time
     assert again.exit_code == 0 and "loaded the cached model" in again.output
 

@@ -155,6 +155,10 @@ def test_record_round_trip_and_bad_records():
         _model([[1.0, 2.0, 3.0]], [2.0, 3.0], sizes=(1, 2))
     with pytest.raises(InputError, match="one share per exit"):
         model.costs([1.0])
+    with pytest.raises(ValueError, match="floors must pair timed batch sizes"):
+        replace(model, floors=((4, 0.5),))
+    with pytest.raises(ValueError, match="floors must pair timed batch sizes"):
+        replace(model, floors=((1, math.nan),))
 
 
 def test_time_exits_times_every_step_at_every_size():
@@ -226,6 +230,36 @@ def test_measure_shares_times_whole_forwards_in_paired_rounds_and_leaves_the_mod
     assert [len(s) for s in shares] == [3, 3] and all(v > 0 for s in shares for v in s)
     assert reaches == [[1.0, 0.0], [1.0, 1.0]]
     assert model.policy is installed and model.controller is None
+
+
+def test_measure_floors_measures_the_floor_below_the_serving_batch_in_whole_forwards(monkeypatch):
+    """Every size of the ladder below the serving one gets the median share of forwards in which
+    every sample leaves at the first exit, on the model's threads and the policy's decision; the
+    serving size keeps the corrected model's floor; the floors travel with the record."""
+    from eenet_fast import timing
+
+    model = wrap(MultiExitCNN(widths=(4, 8))).eval()
+    x = torch.randn(16, 1, 28, 28)
+    latency = replace(_model([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [1.0, 2.0, 4.0], sizes=(1, 2, 4)), threads=2)
+    calls = []
+
+    def measured(model_, policies, example, n, rounds, threads):
+        calls.append((n, rounds, threads, [float(t) for t in policies[0].thresholds], policies[0].name))
+        return [[0.9 / n, 5.0, 0.8 / n][:rounds]], [[1.0, 0.0]]
+
+    monkeypatch.setattr(timing, "measure_shares", measured)
+    floors = timing.measure_floors(model, x, latency, make_policy("entropy"), rounds=3)
+    assert [c[:3] for c in calls] == [(1, 3, 2), (2, 3, 2)]
+    assert all(c[3] == [-math.inf, -math.inf] and c[4] == "entropy" for c in calls)
+    assert floors.floors == ((1, 0.9), (2, 0.45))  # the medians
+    assert floors.smallest_budgets() == {1: 0.9, 2: 0.45, 4: latency.smallest_budgets()[4]}
+    assert latency.smallest_budgets()[1] == pytest.approx(1.0)  # the ladder's prediction, before
+    assert LatencyModel.from_record(floors.record()).floors == floors.floors
+    assert floors.corrected(1.5).floors == floors.floors
+    # the real measurement on a tiny model: positive shares at every size below the serving one
+    monkeypatch.undo()
+    real = timing.measure_floors(model, x, replace(latency, threads=1), rounds=1)
+    assert [n for n, _ in real.floors] == [1, 2] and all(share > 0 for _, share in real.floors)
 
 
 def test_measure_shares_runs_an_example_larger_than_the_batch_in_distinct_batches():
