@@ -224,28 +224,40 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     }
     write_atomic(cfg.out / "results.json", json.dumps(summary, indent=2))
     summary["plot"] = _plot(summary, cfg.out / "accuracy_vs_cost.png")
-    summary["latency_plot"] = _plot_latency(policy.latency, cfg.out / "time_by_batch_size.png")
+    summary["latency_plot"] = _plot_latency(policy.latency, float(policy.budget), cfg.out / "time_by_batch_size.png")
     return summary
 
 
-def _plot_latency(latency: LatencyModel, path: Path) -> Path | None:
-    """The time model of the speed run: each exit's step and the full model against the batch size."""
+def _plot_latency(latency: LatencyModel, budget: float, path: Path) -> Path | None:
+    """The time model of the speed run: each exit's step and the full model against the batch size
+    (left), and the smallest feasible time budget at each batch size against ``budget`` (right)."""
 
-    def draw(ax: Any) -> None:
+    def draw(axes: Any) -> None:
+        ax, floors = axes
         sizes = list(latency.batch_sizes)
         ax.plot(sizes, [1e3 * t for t in latency.full_times.tolist()], marker="s", color="black", label="full model")
         for k in range(latency.num_exits):
             steps = [1e3 * latency.exit_time(k, n) for n in sizes]
             ax.plot(sizes, steps, marker="o", label=f"exit {k + 1}: stage, head, decision, compaction")
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("rows in the batch")
         ax.set_ylabel("time (ms, best of the rounds)")
         ax.set_title(f"Time by batch size\n(corrections from whole forwards: exit 1 x{latency.first_factor:.2f}, "
                      f"later exits x{latency.correction:.2f})", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
+        smallest = latency.smallest_budgets()
+        floors.plot(sizes, [smallest[n] for n in sizes], marker="o", color="tab:red",
+                    label="every sample leaving at exit 1 (" + ("measured in whole forwards" if latency.floors else
+                                                                      f"measured at {latency.batch_size}, predicted elsewhere") + ")")
+        floors.axhline(budget, color="tab:blue", linestyle="--", label=f"the budget ({budget:g})")
+        floors.axhline(1.0, color="black", linestyle=":", label="the full model")
+        floors.set_ylim(bottom=0)
+        floors.set_ylabel("time / full model's time")
+        floors.set_title("Smallest feasible time budget by batch size\n(below the budget: feasible there)", fontsize=10)
+        for a in axes:
+            a.set_xscale("log", base=2)
+            a.set_xlabel("rows in the batch")
+            a.grid(alpha=0.3, which="both")
 
-    return _figure(path, draw)
+    return _figure(path, draw, panels=2)
 
 
 def _plot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -266,8 +278,9 @@ def _plot(summary: dict[str, Any], path: Path) -> Path | None:
     return _figure(path, draw)
 
 
-def _figure(path: Path, draw: Callable[[Any], None]) -> Path | None:
-    """``draw(ax)`` on new axes, with a legend, written as a PNG to ``path`` (``None`` without matplotlib)."""
+def _figure(path: Path, draw: Callable[[Any], None], panels: int = 1) -> Path | None:
+    """``draw(ax)`` on new axes (a sequence of ``panels`` side by side when more than one), each
+    with a legend, written as a PNG to ``path`` (``None`` without matplotlib)."""
     try:
         import matplotlib
 
@@ -275,9 +288,10 @@ def _figure(path: Path, draw: Callable[[Any], None]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(1, panels, figsize=(6.4 * panels, 4.2), dpi=120)
     draw(ax)
-    ax.legend(fontsize=8)
+    for each in ax if panels > 1 else (ax,):
+        each.legend(fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
