@@ -640,7 +640,7 @@ def measure_shares(
 
 
 FLOOR_ROUNDS = 5  # demo CNN, 2 threads, batch 1 to 256: about 7 s in all; one size's median moved by up to 0.09 between
-# two sweeps (at 15 rounds, 20 s, the same; two sweeps minutes apart differed by 0.19 at batch 1: the machine's level moves)
+# two sweeps. 15 rounds (20 s) were no closer: two such sweeps differed by up to 0.19, at batch 1 (the machine's level moved)
 
 
 def measure_floors(model: EarlyExitModel, example: Any, latency: LatencyModel, policy: Policy | None = None,
