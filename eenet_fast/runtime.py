@@ -196,7 +196,7 @@ class EarlyExitModel(nn.Module):
                 if not bool((ids != gone).any()):  # every row has left: the one host read of this exit
                     break
             elif k < self.num_exits - 1:
-                if not riders and leave.device.type == "cpu" and bool(leave.all()):
+                if not riders and device.type == "cpu" and bool(leave.all()):
                     break  # every row has left (common at small batches): nothing to compact or run on
                 state, ids, scores, predictions = backend.compact(
                     ~leave & (ids != gone) if riders else ~leave, state, ids, history.scores, history.predictions,
